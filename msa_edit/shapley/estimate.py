@@ -1,0 +1,318 @@
+"""`estimate`: the one entry point for Shapley values (modes) of a batched game."""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+import torch
+
+from msa_edit.errors import MsaEditError
+from msa_edit.shapley.cache import CoalitionCache, Game, as_rows, pack_keys
+from msa_edit.shapley.exact import CHUNK, EXACT_MAX_PLAYERS, accumulate_exact, all_coalitions
+from msa_edit.shapley.kernel import KernelSampler
+from msa_edit.shapley.result import ShapleyResult, TracePoint
+from msa_edit.shapley.sampling import PermutationSampler
+
+METHODS = ("auto", "exact", "permutation", "antithetic", "kernel")
+AUTO_EXACT_MAX_PLAYERS = 10
+"""`auto` without a budget enumerates exactly up to this many players (2^10 = 1024 coalitions)."""
+FIRST_ROUND = 16
+"""Samples in the first round; later rounds add a quarter of the samples so far (trace points
+are spaced geometrically), so the rounds, and hence the results, never depend on `batch_size`."""
+TOPK_PATIENCE = 3
+"""Rounds in a row the top-k ranking must stay the same before `topk` stops sampling."""
+TRACE_MAX_NUMEL = 1 << 20
+
+
+class Sampler(Protocol):
+    """What the sampled estimators share: fixed coalitions, then blocks of coalitions per sample."""
+
+    @property
+    def n_samples(self) -> int: ...
+
+    def fixed(self) -> torch.Tensor: ...
+
+    def set_fixed(self, values: torch.Tensor) -> None: ...
+
+    def draw(self, count: int) -> list[torch.Tensor]: ...
+
+    def add(self, blocks: list[torch.Tensor], values: list[torch.Tensor]) -> None: ...
+
+    def estimate(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def min_budget(method: str, n_players: int) -> int:
+    """Fewest distinct coalitions `method` needs for a first estimate with a standard error.
+
+    >>> min_budget("permutation", 10), min_budget("kernel", 10), min_budget("exact", 10)
+    (20, 22, 1024)
+    """
+    n = n_players
+    return {
+        "exact": 1 << n if n < 63 else 1 << 62,
+        "permutation": min(2 * n, 1 << n),
+        "antithetic": min(4 * n - 2, 1 << n),
+        "kernel": min(2 * n + 2, 1 << n),
+    }[method]
+
+
+def default_budget(n_players: int) -> int:
+    """Budget of a sampled method when none is given and no stopping rule is set: 64 (n+1)."""
+    return min(64 * (n_players + 1), 1 << min(n_players, 62))
+
+
+def resolve_method(method: str, n_players: int, budget: int | None) -> str:
+    """The estimator `auto` stands for: exact when 2^n fits the budget, else paired kernel
+    regression (least error per coalition in `evals/bench_estimators.py`), else plain permutations
+    when the budget is below what the kernel needs.
+
+    >>> [resolve_method("auto", n, b) for n, b in [(8, None), (12, 500), (30, 61)]]
+    ['exact', 'kernel', 'permutation']
+    """
+    if method != "auto":
+        return method
+    if budget is None:
+        return "exact" if n_players <= AUTO_EXACT_MAX_PLAYERS else "kernel"
+    if n_players <= EXACT_MAX_PLAYERS and budget >= 1 << n_players:
+        return "exact"
+    return "kernel" if budget >= min_budget("kernel", n_players) else "permutation"
+
+
+def _check_args(
+    game: object,
+    n_players: object,
+    method: str,
+    budget: object,
+    seed: object,
+    batch_size: object,
+    tol: float | None,
+    topk: int | None,
+) -> None:
+    if not callable(game):
+        raise MsaEditError(
+            f"game must be callable (bool [B, n] -> float [B, ...]); got {type(game).__name__}"
+        )
+    if isinstance(n_players, bool) or not isinstance(n_players, int) or n_players < 1:
+        raise MsaEditError(f"n_players must be an int >= 1, got {n_players!r}")
+    if method not in METHODS:
+        raise MsaEditError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    for name, value in (("budget", budget), ("batch_size", batch_size)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise MsaEditError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise MsaEditError(f"seed must be an int >= 0, got {seed!r}")
+    if tol is not None and not tol > 0:
+        raise MsaEditError(f"tol must be > 0, got {tol!r}")
+    if topk is not None and not 1 <= topk <= n_players:
+        raise MsaEditError(f"topk must be between 1 and n_players={n_players}, got {topk!r}")
+
+
+def _check_budget(method: str, n_players: int, budget: int | None) -> None:
+    if method == "exact":
+        if n_players > EXACT_MAX_PLAYERS:
+            raise MsaEditError(
+                f"method='exact' needs all 2^{n_players} coalitions; it is limited to "
+                f"{EXACT_MAX_PLAYERS} players; use method='auto' (kernel regression) with a budget"
+            )
+        if budget is not None and budget < 1 << n_players:
+            raise MsaEditError(
+                f"method='exact' needs 2^{n_players} = {1 << n_players} coalitions "
+                f"but budget={budget}; "
+                "raise the budget or use method='auto'"
+            )
+        return
+    need = min_budget(method, n_players)
+    if budget is not None and budget < need:
+        raise MsaEditError(
+            f"budget={budget} is too small for method={method!r} with {n_players} players: "
+            "it needs "
+            f"at least {need} distinct coalitions; raise the budget or use method='auto'"
+        )
+
+
+def estimate(
+    game: Game,
+    n_players: int,
+    method: str = "auto",
+    budget: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    *,
+    tol: float | None = None,
+    topk: int | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: float = 60.0,
+    progress: bool | None = None,
+) -> ShapleyResult:
+    """Shapley values of every player of `game`, shaped like the game's output (Shapley modes).
+
+    `game(coalitions)` takes `bool [B, n_players]` (True = intact) and returns `float [B, *shape]`.
+    `budget` caps the distinct coalitions evaluated; each is evaluated once, `batch_size` per call.
+    Sampling stops early when every stderr is below `tol`, or when the top-`topk` players by |value|
+    stay the same for 3 rounds. With `checkpoint`, evaluated coalitions are written there (at most
+    every `checkpoint_every` seconds, atomically) and a rerun with the same arguments resumes
+    without re-evaluating them and returns the same bits. `progress=None` shows a bar only on a
+    terminal.
+
+    >>> glove = lambda c: torch.minimum(c[:, 0], c[:, 1:].sum(1)).double()
+    >>> res = estimate(glove, 3, method="exact", progress=False)
+    >>> [round(x, 4) for x in res.values.tolist()]
+    [0.6667, 0.1667, 0.1667]
+    """
+    _check_args(game, n_players, method, budget, seed, batch_size, tol, topk)
+    resolved = resolve_method(method, n_players, budget)
+    _check_budget(resolved, n_players, budget)
+    adaptive = tol is not None or topk is not None
+    if resolved != "exact" and budget is None and not adaptive:
+        budget = default_budget(n_players)
+    total = 1 << n_players if resolved == "exact" else budget
+    cache = CoalitionCache(
+        game, n_players, batch_size, checkpoint, checkpoint_every, progress, total
+    )
+    try:
+        if resolved == "exact":
+            return _exact(cache, n_players, seed, budget)
+        sampler: Sampler
+        if resolved == "kernel":
+            sampler = KernelSampler(n_players, seed, budget or default_budget(n_players))
+        else:
+            sampler = PermutationSampler(n_players, seed, antithetic=resolved == "antithetic")
+        return _sampled(sampler, resolved, cache, n_players, seed, budget, tol, topk)
+    finally:
+        cache.close()
+
+
+def _exact(cache: CoalitionCache, n: int, seed: int, budget: int | None) -> ShapleyResult:
+    values, v_empty, v_full = exact_from_cache(cache, n)
+    return ShapleyResult(
+        values=values,
+        stderr=torch.zeros_like(values),
+        n_evaluations=1 << n,
+        v_full=v_full,
+        v_empty=v_empty,
+        method="exact",
+        seed=seed,
+        budget=budget,
+        n_samples=0,
+        stopped="exact",
+    )
+
+
+def exact_from_cache(
+    cache: CoalitionCache, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact values `[n, *shape]`, v(0) and v(N), evaluating whatever coalitions are missing."""
+    phi: torch.Tensor | None = None
+    for start in range(0, 1 << n, CHUNK):
+        block = all_coalitions(n, start, min(1 << n, start + CHUNK))
+        share = accumulate_exact(block, as_rows(cache.get(block)))
+        phi = share if phi is None else phi + share
+    assert phi is not None
+    ends = cache.get(
+        torch.stack([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    )
+    shape = ends.shape[1:]
+    return phi.reshape(n, *shape), ends[0], ends[1]
+
+
+class _Budget:
+    """The distinct coalitions one run uses, never more than `limit`."""
+
+    def __init__(self, limit: int | None, n_players: int) -> None:
+        self.limit = limit
+        self.used: set[bytes] = set()
+        self.everything = 1 << n_players if n_players < 63 else None
+
+    def admit(self, keys: list[bytes]) -> bool:
+        new = set(keys) - self.used
+        if self.limit is not None and len(self.used) + len(new) > self.limit:
+            return False
+        self.used |= new
+        return True
+
+    @property
+    def exhausted(self) -> bool:
+        return self.everything is not None and len(self.used) >= self.everything
+
+
+def _sampled(
+    sampler: Sampler,
+    method: str,
+    cache: CoalitionCache,
+    n: int,
+    seed: int,
+    budget: int | None,
+    tol: float | None,
+    topk: int | None,
+) -> ShapleyResult:
+    spent = _Budget(budget, n)
+    fixed = sampler.fixed()
+    if not spent.admit(pack_keys(fixed)):
+        raise MsaEditError(f"budget={budget} is too small for method={method!r}; raise it")
+    fixed_values = cache.get(fixed)
+    shape = fixed_values.shape[1:]
+    sampler.set_fixed(as_rows(fixed_values))
+    trace: list[TracePoint] = []
+    last_top: list[list[int]] | None = None
+    stable = 0
+    while True:
+        count = max(FIRST_ROUND, sampler.n_samples // 4)
+        blocks = sampler.draw(count)
+        admitted = []
+        for block in blocks:
+            if not spent.admit(pack_keys(block)):
+                break
+            admitted.append(block)
+        if admitted:
+            values = as_rows(cache.get(torch.cat(admitted)))
+            sampler.add(admitted, list(values.split([len(b) for b in admitted])))
+        full = len(admitted) < len(blocks) or not blocks
+        if spent.exhausted:
+            phi, v_empty, v_full = exact_from_cache(cache, n)
+            se = torch.zeros_like(phi)
+            stopped = "exhausted"
+            trace.append(_trace_point(len(spent.used), sampler.n_samples, phi, se))
+            break
+        phi_flat, se_flat = sampler.estimate()
+        phi, se = phi_flat.reshape(n, *shape), se_flat.reshape(n, *shape)
+        v_empty, v_full = fixed_values[0], fixed_values[1]
+        trace.append(_trace_point(len(spent.used), sampler.n_samples, phi, se))
+        cache.set_postfix(max_stderr=float(se.max()))
+        if tol is not None and sampler.n_samples >= 2 and float(se_flat.max()) <= tol:
+            stopped = "tol"
+            break
+        if topk is not None:
+            top = torch.argsort(phi_flat.abs(), dim=0, descending=True, stable=True)[
+                :topk
+            ].T.tolist()
+            stable = stable + 1 if top == last_top else 0
+            last_top = top
+            if stable >= TOPK_PATIENCE:
+                stopped = "topk"
+                break
+        if full:
+            stopped = "budget"
+            break
+    return ShapleyResult(
+        values=phi,
+        stderr=se,
+        n_evaluations=len(spent.used),
+        v_full=v_full,
+        v_empty=v_empty,
+        method=method,
+        seed=seed,
+        budget=budget,
+        n_samples=sampler.n_samples,
+        stopped=stopped,
+        trace=tuple(trace),
+    )
+
+
+def _trace_point(n_eval: int, n_samples: int, phi: torch.Tensor, se: torch.Tensor) -> TracePoint:
+    if phi.numel() > TRACE_MAX_NUMEL:
+        phi = phi.reshape(phi.shape[0], -1).norm(dim=1)
+        se = se.reshape(se.shape[0], -1).norm(dim=1)
+    return TracePoint(n_eval, n_samples, phi.float().clone(), se.float().clone())

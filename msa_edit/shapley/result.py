@@ -1,0 +1,162 @@
+"""Frozen results of the estimators: Shapley modes with stderr, convergence trace, interactions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def _tensor_to_json(t: torch.Tensor) -> Any:
+    """Nested lists; non-finite floats become None so the JSON stays strict."""
+    flat = [None if not math.isfinite(x) else x for x in t.double().flatten().tolist()]
+    return {"shape": list(t.shape), "data": flat}
+
+
+def _tensor_from_json(obj: dict[str, Any]) -> torch.Tensor:
+    data = [math.inf if x is None else x for x in obj["data"]]
+    return torch.tensor(data, dtype=torch.float64).reshape(obj["shape"])
+
+
+@dataclass(frozen=True)
+class TracePoint:
+    """The estimate after `n_evaluations` distinct coalitions (`n_samples` sampling units).
+
+    `values`/`stderr` are float32 copies `[n_players, *output_shape]`; for modes with more than
+    2**20 numbers they are reduced to per-player L2 norms `[n_players]` to keep the trace small.
+    """
+
+    n_evaluations: int
+    n_samples: int
+    values: torch.Tensor
+    stderr: torch.Tensor
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n_evaluations": self.n_evaluations,
+            "n_samples": self.n_samples,
+            "values": _tensor_to_json(self.values),
+            "stderr": _tensor_to_json(self.stderr),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TracePoint:
+        return cls(
+            obj["n_evaluations"],
+            obj["n_samples"],
+            _tensor_from_json(obj["values"]).float(),
+            _tensor_from_json(obj["stderr"]).float(),
+        )
+
+
+@dataclass(frozen=True)
+class ShapleyResult:
+    """Shapley values (modes) of every player, with standard errors and how they were obtained.
+
+    `values[i]` has the game's output shape; `values.sum(0) == v_full - v_empty` (efficiency).
+    `stderr` is zero for exact values and inf where a sampled estimate has fewer than 2 samples.
+    `stopped` says why sampling ended: "exact", "budget", "tol", "topk" or "exhausted" (every
+    coalition was evaluated, so the values are exact).
+    """
+
+    values: torch.Tensor
+    stderr: torch.Tensor
+    n_evaluations: int
+    v_full: torch.Tensor
+    v_empty: torch.Tensor
+    method: str
+    seed: int
+    budget: int | None
+    n_samples: int
+    stopped: str
+    trace: tuple[TracePoint, ...] = field(default=(), repr=False)
+
+    @property
+    def n_players(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[1:])
+
+    def ranking(self, k: int | None = None) -> list[int]:
+        """Players ordered by |value| summed over the output, largest first (top `k` if given).
+
+        >>> r = ShapleyResult(torch.tensor([0.1, -2.0, 1.0]), torch.zeros(3), 8, torch.tensor(0.),
+        ...                   torch.tensor(0.), "exact", 0, None, 0, "exact")
+        >>> r.ranking()
+        [1, 2, 0]
+        """
+        score = self.values.reshape(self.n_players, -1).abs().sum(1)
+        order = torch.argsort(score, descending=True, stable=True).tolist()
+        return order if k is None else order[:k]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "values": _tensor_to_json(self.values),
+            "stderr": _tensor_to_json(self.stderr),
+            "n_evaluations": self.n_evaluations,
+            "v_full": _tensor_to_json(self.v_full),
+            "v_empty": _tensor_to_json(self.v_empty),
+            "method": self.method,
+            "seed": self.seed,
+            "budget": self.budget,
+            "n_samples": self.n_samples,
+            "stopped": self.stopped,
+            "trace": [p.to_json() for p in self.trace],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ShapleyResult:
+        return cls(
+            values=_tensor_from_json(obj["values"]),
+            stderr=_tensor_from_json(obj["stderr"]),
+            n_evaluations=obj["n_evaluations"],
+            v_full=_tensor_from_json(obj["v_full"]),
+            v_empty=_tensor_from_json(obj["v_empty"]),
+            method=obj["method"],
+            seed=obj["seed"],
+            budget=obj["budget"],
+            n_samples=obj["n_samples"],
+            stopped=obj["stopped"],
+            trace=tuple(TracePoint.from_json(p) for p in obj["trace"]),
+        )
+
+
+@dataclass(frozen=True)
+class InteractionResult:
+    """Pairwise Shapley interaction index of chosen pairs: `values[p]` for `pairs[p]`.
+
+    Negative values mean the two players are redundant (each matters less when the other is
+    intact); positive values mean they are synergistic.
+    """
+
+    pairs: tuple[tuple[int, int], ...]
+    values: torch.Tensor
+    stderr: torch.Tensor
+    n_evaluations: int
+    method: str
+    seed: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pairs": [list(p) for p in self.pairs],
+            "values": _tensor_to_json(self.values),
+            "stderr": _tensor_to_json(self.stderr),
+            "n_evaluations": self.n_evaluations,
+            "method": self.method,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> InteractionResult:
+        return cls(
+            pairs=tuple((int(a), int(b)) for a, b in obj["pairs"]),
+            values=_tensor_from_json(obj["values"]),
+            stderr=_tensor_from_json(obj["stderr"]),
+            n_evaluations=obj["n_evaluations"],
+            method=obj["method"],
+            seed=obj["seed"],
+        )
