@@ -1,0 +1,273 @@
+"""Canonical unit names and where each architecture keeps its experts, heads, neurons and layers.
+
+A unit prints as its canonical name and parses back from it:
+`layers.{L}.experts.{E}`, `layers.{L}.heads.{H}`, `layers.{L}.mlp.neurons.{N}`, `layers.{L}`.
+Per-architecture knowledge lives in `ARCHITECTURES`, one entry per `model_type`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+from torch import nn
+
+from msa_edit.errors import MsaEditError
+
+Kind = Literal["experts", "heads", "neurons", "layer"]
+KINDS: tuple[Kind, ...] = ("experts", "heads", "neurons", "layer")
+
+_NAME = re.compile(r"^layers\.(\d+)(?:\.(experts|heads|mlp\.neurons)\.(\d+))?$")
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """One lesionable unit: an expert, an attention head, an MLP neuron, or a whole layer.
+
+    >>> Unit.parse("layers.3.experts.5")
+    Unit('layers.3.experts.5')
+    >>> str(Unit(2, "neurons", 117)), Unit.parse("layers.4").kind
+    ('layers.2.mlp.neurons.117', 'layer')
+    """
+
+    layer: int
+    kind: Kind
+    index: int = -1
+
+    def __str__(self) -> str:
+        if self.kind == "layer":
+            return f"layers.{self.layer}"
+        middle = "mlp.neurons" if self.kind == "neurons" else self.kind
+        return f"layers.{self.layer}.{middle}.{self.index}"
+
+    def __repr__(self) -> str:
+        return f"Unit('{self}')"
+
+    @classmethod
+    def parse(cls, name: str) -> Unit:
+        """The unit named `name`; raises `MsaEditError` for a malformed name."""
+        match = _NAME.match(name.strip())
+        if match is None:
+            raise MsaEditError(
+                f"malformed unit name {name!r}; use layers.L, layers.L.experts.E, "
+                "layers.L.heads.H or layers.L.mlp.neurons.N (0-based)"
+            )
+        layer, kind, index = match.groups()
+        if kind is None:
+            return cls(int(layer), "layer")
+        return cls(int(layer), "neurons" if kind == "mlp.neurons" else kind, int(index))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one model family keeps its units, as dotted paths.
+
+    `layers` leads from the causal-LM root to the decoder layers; the others start at one layer.
+    MoE blocks have a router `{moe}.gate` (weight [E, H], softmax -> top-k) and fused experts
+    `{moe}.experts` called as experts(hidden [N, H], top_k_index [N, k], top_k_weights [N, k]).
+    """
+
+    layers: str
+    attn_out: str
+    n_heads: str
+    mlp_down: str | None
+    moe: str | None = None
+    n_experts: str | None = None
+    renormalize: str | bool = True
+    """Top-k weights renormalised to sum 1: always (True) or per the named config flag."""
+    scores_in_logits_dtype: bool = True
+    """Router returns top-k weights cast back to the logits' dtype (Mixtral keeps float32)."""
+
+
+_LLAMA = Architecture("model.layers", "self_attn.o_proj", "num_attention_heads", "mlp.down_proj")
+_QWEN_MOE = Architecture(
+    "model.layers",
+    "self_attn.o_proj",
+    "num_attention_heads",
+    "mlp.down_proj",
+    moe="mlp",
+    n_experts="num_experts",
+    renormalize="norm_topk_prob",
+)
+ARCHITECTURES: dict[str, Architecture] = {
+    "mixtral": Architecture(
+        "model.layers",
+        "self_attn.o_proj",
+        "num_attention_heads",
+        None,
+        moe="mlp",
+        n_experts="num_local_experts",
+        renormalize=True,
+        scores_in_logits_dtype=False,
+    ),
+    "qwen2_moe": _QWEN_MOE,
+    "qwen3_moe": _QWEN_MOE,
+    "olmoe": _QWEN_MOE,
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gpt2": Architecture("transformer.h", "attn.c_proj", "n_head", "mlp.c_proj"),
+}
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """The `Architecture` entry of `model.config.model_type`, or a clear error listing them."""
+    model_type = _model_type(model)
+    if model_type not in ARCHITECTURES:
+        raise MsaEditError(
+            f"architecture {model_type!r} is not supported; supported model types: "
+            f"{', '.join(sorted(ARCHITECTURES))} (add an entry to msa_edit.units.ARCHITECTURES)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers, from a causal LM or its base model."""
+    path = architecture(model).layers
+    for candidate in (path, path.split(".", 1)[1]):
+        found = _get(model, candidate)
+        if isinstance(found, nn.ModuleList):
+            return found
+    raise MsaEditError(f"could not find the decoder layers at {path!r} in {type(model).__name__}")
+
+
+def _get(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
+def submodule(layer: nn.Module, path: str | None) -> nn.Module | None:
+    """The module at dotted `path` inside `layer`, or None."""
+    return None if path is None else _get(layer, path)
+
+
+def moe_block(model: nn.Module, layer: nn.Module) -> nn.Module | None:
+    """The layer's MoE block (with `.gate` and `.experts`), or None for a dense layer."""
+    block = submodule(layer, architecture(model).moe)
+    if block is None or not hasattr(block, "gate") or not hasattr(block, "experts"):
+        return None
+    return block
+
+
+def moe_parts(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The (router, experts) modules of an MoE layer."""
+    block = moe_block(model, layer)
+    if block is None:
+        raise MsaEditError(f"{type(layer).__name__} has no MoE block with a router and experts")
+    return cast(nn.Module, block.gate), cast(nn.Module, block.experts)
+
+
+def n_heads(model: nn.Module) -> int:
+    return int(getattr(model.config, architecture(model).n_heads))
+
+
+def n_experts(model: nn.Module) -> int:
+    arch = architecture(model)
+    return 0 if arch.n_experts is None else int(getattr(model.config, arch.n_experts))
+
+
+def renormalizes(model: nn.Module) -> bool:
+    """Whether the router renormalises its top-k weights."""
+    flag = architecture(model).renormalize
+    return flag if isinstance(flag, bool) else bool(getattr(model.config, flag))
+
+
+def mlp_width(module: nn.Module) -> int:
+    """Input width of an MLP down projection (nn.Linear, bitsandbytes Linear or GPT-2 Conv1D)."""
+    width = getattr(module, "in_features", None)
+    if width is None:  # GPT-2 Conv1D stores weight as [in, out]
+        width = cast(torch.Tensor, module.weight).shape[0]
+    return int(width)
+
+
+def discover(model: nn.Module, kinds: Iterable[Kind] = KINDS) -> list[Unit]:
+    """Every unit of the requested kinds, in canonical order (layer, kind, index).
+
+    Experts exist in MoE layers, neurons in dense MLP layers, heads and layers everywhere.
+    """
+    arch = architecture(model)
+    wanted = set(kinds)
+    units: list[Unit] = []
+    heads, experts = n_heads(model), n_experts(model)
+    for i, layer in enumerate(decoder_layers(model)):
+        if "layer" in wanted:
+            units.append(Unit(i, "layer"))
+        if "experts" in wanted and moe_block(model, layer) is not None:
+            units += [Unit(i, "experts", e) for e in range(experts)]
+        if "heads" in wanted:
+            units += [Unit(i, "heads", h) for h in range(heads)]
+        down = submodule(layer, arch.mlp_down)
+        if "neurons" in wanted and down is not None and moe_block(model, layer) is None:
+            units += [Unit(i, "neurons", n) for n in range(mlp_width(down))]
+    return sorted(units)
+
+
+def summarize(units: Sequence[Unit]) -> str:
+    """A short description of a unit set, e.g. 'layers.0-3.experts.0-7 (32)'."""
+    parts = []
+    for kind in KINDS:
+        of_kind = [u for u in units if u.kind == kind]
+        if not of_kind:
+            continue
+        layers = sorted({u.layer for u in of_kind})
+        span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+        if kind == "layer":
+            parts.append(f"layers.{span} ({len(of_kind)})")
+            continue
+        idx = sorted({u.index for u in of_kind})
+        sample = Unit(0, kind, 0).__str__().split(".", 2)[2].rsplit(".", 1)[0]
+        parts.append(f"layers.{span}.{sample}.{idx[0]}-{idx[-1]} ({len(of_kind)})")
+    return ", ".join(parts) or "no units"
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a unit glob: `*` matches one dotted segment (or part of one), `?` one character.
+
+    >>> bool(glob_regex("layers.*.experts.*").match("layers.3.experts.5"))
+    True
+    >>> bool(glob_regex("layers.*").match("layers.3.experts.5"))
+    False
+    """
+    body = re.escape(pattern.strip()).replace(r"\*", "[^.]*").replace(r"\?", "[^.]")
+    return re.compile(f"^{body}$")
+
+
+def select(model: nn.Module, names: str | Sequence[str]) -> list[Unit]:
+    """Units matching canonical names and/or globs (`layers.*.experts.*`), in canonical order.
+
+    A name or glob that matches nothing is an error that lists what the model has.
+    """
+    patterns = [names] if isinstance(names, str) else list(names)
+    if not patterns:
+        raise MsaEditError("no units named; give names or globs such as 'layers.*.experts.*'")
+    kinds = {k for p in patterns for k in _kinds_of(p)}
+    by_name = {str(u): u for u in discover(model, kinds)}
+    chosen: set[Unit] = set()
+    for pattern in patterns:
+        regex = glob_regex(pattern)
+        hits = [u for n, u in by_name.items() if regex.match(n)]
+        if not hits:
+            raise MsaEditError(
+                f"no unit of this {_model_type(model)} model matches {pattern!r}; "
+                f"it has {summarize(discover(model))}"
+            )
+        chosen.update(hits)
+    return sorted(chosen)
+
+
+def _kinds_of(pattern: str) -> set[Kind]:
+    """Unit kinds a pattern can name, from its number of dotted segments."""
+    return {2: {"layer"}, 4: {"experts", "heads"}, 5: {"neurons"}}.get(
+        pattern.strip().count(".") + 1, set()
+    )  # type: ignore[return-value]

@@ -1,0 +1,87 @@
+"""Tiny models of every supported family, built from configs in code (never downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    PreTrainedModel,
+    Qwen2MoeConfig,
+)
+
+VOCAB = 96
+
+
+def tiny_config(model_type: str):
+    """Config of a 2-layer model with hidden size 32 of the given family."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if model_type == "mixtral":
+        return MixtralConfig(
+            **common,
+            intermediate_size=48,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    if model_type == "qwen2_moe":
+        return Qwen2MoeConfig(
+            **common,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=32,
+            num_experts=6,
+            num_experts_per_tok=2,
+            num_key_value_heads=2,
+            norm_topk_prob=False,
+            max_position_embeddings=64,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    if model_type == "olmoe":
+        return OlmoeConfig(
+            **common,
+            intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=2,
+            num_key_value_heads=2,
+            norm_topk_prob=True,
+            max_position_embeddings=64,
+        )
+    if model_type == "llama":
+        return LlamaConfig(
+            **common, intermediate_size=40, num_key_value_heads=2, max_position_embeddings=64
+        )
+    if model_type == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    raise ValueError(model_type)
+
+
+def build(model_type: str, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised tiny model in fp32 eval mode (seeded, so reproducible)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    return model.eval()
+
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
+ALL_FAMILIES = [*MOE_FAMILIES, "llama", "gpt2"]
