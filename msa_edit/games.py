@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from msa_edit.errors import MsaEditError
@@ -122,10 +121,18 @@ class Objective(Protocol):
         ...
 
 
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token negative log-likelihood `[R, T-1]` (float32)."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -logp.gather(-1, input_ids[:, 1:, None].to(logp.device))[..., 0]
+def token_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, rows_per_chunk: int = 4
+) -> torch.Tensor:
+    """Next-token negative log-likelihood `[R, T-1]` (float32): logsumexp minus the target logit,
+    a few rows at a time so the vocabulary-sized temporaries stay in cache."""
+    targets = input_ids[:, 1:, None].to(logits.device)
+    out = []
+    for start in range(0, logits.shape[0], rows_per_chunk):
+        chunk = logits[start : start + rows_per_chunk, :-1].float()
+        target = chunk.gather(-1, targets[start : start + rows_per_chunk])[..., 0]
+        out.append(torch.logsumexp(chunk, dim=-1) - target)
+    return torch.cat(out)
 
 
 class MeanNLL:

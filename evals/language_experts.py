@@ -1,0 +1,126 @@
+"""Language experts of the tiny multilingual MoE: per-language Shapley modes over its 32 experts.
+
+Builds (or reuses from the cache) the default tiny Mixtral trained on the six UD languages of
+../shared/data/ud-text, takes held-out text per language (never trained on), and estimates each
+expert's Shapley value for every language's mean next-token NLL under `reroute` lesions (the
+expert removed, tokens sent to the remaining ones). A negative value means the expert lowers that
+language's NLL. Each language's expert is its most specific one (`msa_edit.plan.specificity`: how
+much more it helps that language than any other); lesioning it alone should cost that language
+more NLL than any other language. The table says for which languages that holds.
+
+Writes evals/results/language_experts.{json,png}. Run from the repository root:
+
+    python evals/language_experts.py                 # ~2 min on 2 cores once the model is cached
+    python evals/language_experts.py --budget 400    # faster, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msa_edit.evaluate.plots import expert_heatmaps
+from msa_edit.games import LesionGame, MeanNLL, Targets, text_blocks
+from msa_edit.lesions import lesioned
+from msa_edit.plan import specificity
+from msa_edit.shapley import ShapleyResult, estimate
+from msa_edit.tiny_moe import HELDOUT_DIR, build_tiny_moe, load_tiny_moe
+from msa_edit.units import Unit, select
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-text"
+RESULTS = Path(__file__).resolve().parent / "results"
+LANGUAGES = ("en", "de", "fr", "es", "ru", "zh")
+
+
+def language_targets(model_dir: Path, tokenizer: Any, n_seq: int, seq_len: int) -> Targets:
+    """`n_seq` held-out blocks of `seq_len` tokens per language."""
+    return Targets.from_dict(
+        {
+            lang: text_blocks(tokenizer, model_dir / HELDOUT_DIR / f"{lang}.txt", n_seq, seq_len)
+            for lang in LANGUAGES
+        }
+    )
+
+
+def lesion_table(model: Any, top: dict[str, Unit], targets: Targets) -> torch.Tensor:
+    """ΔNLL `[lesioned language's expert, measured language]` of lesioning each top expert alone."""
+    with torch.inference_mode():
+        intact = _nll(model, targets)
+    rows = []
+    for unit in top.values():
+        with lesioned(model, [unit], "reroute"), torch.inference_mode():
+            rows.append(_nll(model, targets) - intact)
+    return torch.stack(rows)
+
+
+def _nll(model: Any, targets: Targets) -> torch.Tensor:
+    logits = model(targets.input_ids).logits
+    stats = MeanNLL().row_stats(logits, targets.input_ids, torch.arange(targets.n_rows))
+    return MeanNLL().reduce(stats, targets)
+
+
+def analyse(
+    model_dir: Path, budget: int, n_seq: int, seq_len: int, seed: int
+) -> tuple[ShapleyResult, list[Unit], Targets, Any]:
+    model, tokenizer, _ = load_tiny_moe(model_dir)
+    targets = language_targets(model_dir, tokenizer, n_seq, seq_len)
+    units = select(model, "layers.*.experts.*")
+    game = LesionGame(model, units, targets, MeanNLL(), "reroute", max_rows=8 * targets.n_rows)
+    return estimate(game, len(units), budget=budget, seed=seed, batch_size=8), units, targets, model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--n-seq", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    model_dir = build_tiny_moe({lang: DATA / f"{lang}.txt" for lang in LANGUAGES})
+    res, units, targets, model = analyse(
+        model_dir, args.budget, args.n_seq, args.seq_len, args.seed
+    )
+    spec = specificity(res.values)
+    top = {lang: units[int(spec[:, t].argmax())] for t, lang in enumerate(LANGUAGES)}
+    delta = lesion_table(model, top, targets)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = expert_heatmaps(
+        -res.values, units, LANGUAGES, RESULTS / "language_experts.png",
+        title="How much each expert lowers each language's NLL (-Shapley value, nats)",
+        label="-φ (nats)",
+    )  # fmt: skip
+    print(f"model {model_dir}\n{res.method}, {res.n_evaluations} coalitions, "
+          f"max stderr {float(res.stderr.max()):.4f}; heat-map {png}\n")  # fmt: skip
+    header = " | ".join(f"ΔNLL {x}" for x in LANGUAGES)
+    print(f"| expert of | expert | φ (own) | specificity | {header} | own language hit most |")
+    print("|---|---|---:|---:|" + "---:|" * len(LANGUAGES) + "---|")
+    own = delta.argmax(1) == torch.arange(len(LANGUAGES))
+    for i, (lang, unit) in enumerate(top.items()):
+        cells = " | ".join(
+            f"**{d:.3f}**" if j == i else f"{d:.3f}" for j, d in enumerate(delta[i].tolist())
+        )
+        row = units.index(unit)
+        print(f"| {lang} | {unit} | {float(res.values[row, i]):.3f} | {float(spec[row, i]):.3f} "
+              f"| {cells} | {'yes' if own[i] else 'no'} |")  # fmt: skip
+    print(f"\n{int(own.sum())} of {len(LANGUAGES)} languages: their expert costs them the most NLL")
+    own_is_max = bool(own.all())
+    payload = {
+        "model": str(model_dir),
+        "shapley": {**res.to_json(), "units": [str(u) for u in units], "targets": list(LANGUAGES)},
+        "top_expert": {lang: str(u) for lang, u in top.items()},
+        "lesion_delta_nll": delta.tolist(),
+        "specificity": spec.tolist(),
+        "own_is_max": own_is_max,
+    }
+    tmp = RESULTS / "language_experts.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, RESULTS / "language_experts.json")
+
+
+if __name__ == "__main__":
+    main()

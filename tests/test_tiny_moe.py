@@ -1,0 +1,208 @@
+"""`tiny-moe`: reproducible bits, plain HF reload, learning, cache reuse, atomic writes, CLI errors.
+
+Small models (2 layers, 4 experts, hidden 32) trained for 30 steps on the first 250 lines of three
+languages keep the file fast; the default size is exercised only by the CLI test, for 2 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import msa_edit.tiny_moe as tm
+from msa_edit.cli import main
+from msa_edit.errors import MsaEditError
+from msa_edit.tiny_moe import TinyMoeConfig, build_tiny_moe, routing_by_language
+
+UD_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ud-text"
+LANGS = ("en", "de", "ru")
+SMALL = TinyMoeConfig(
+    layers=2, experts=4, top_k=2, hidden=32, intermediate=64, heads=2, vocab=400, seq_len=32,
+    batch_size=6, steps=30,
+)  # fmt: skip
+
+
+class TrainSpy:
+    """Wraps `tiny_moe._train`: counts trainings and keeps the last trained model in memory."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.model: object = None
+        self._train = tm._train
+
+    def __call__(self, model, streams, config):
+        self.calls += 1
+        self.model = model
+        return self._train(model, streams, config)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> dict[str, Path]:
+    if not UD_TEXT.is_dir():
+        pytest.skip(f"multilingual text not found at {UD_TEXT}")
+    folder = tmp_path_factory.mktemp("texts")
+    out = {}
+    for lang in LANGS:
+        lines = (UD_TEXT / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:250]
+        out[lang] = folder / f"{lang}.txt"
+        out[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(texts, tmp_path_factory) -> dict[str, object]:
+    """Two builds with seed 0 and one with seed 1; the in-memory model of the first."""
+    root = tmp_path_factory.mktemp("built")
+    rng, deterministic = torch.get_rng_state(), torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    spy = TrainSpy()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tm, "_train", spy)
+        a = build_tiny_moe(texts, root / "a", config=SMALL)
+        model_a = spy.model
+        b = build_tiny_moe(texts, root / "b", config=SMALL)
+        c = build_tiny_moe(texts, root / "c", seed=1, config=SMALL)
+    assert torch.equal(torch.get_rng_state(), rng), "global RNG must be left untouched"
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+    assert torch.get_num_threads() == threads
+    return {"a": a, "b": b, "c": c, "model_a": model_a, "root": root}
+
+
+def meta_of(path) -> dict:
+    return json.loads((Path(path) / "tiny_moe.json").read_text(encoding="utf-8"))
+
+
+def test_same_seed_same_bits_other_seed_differs(built) -> None:
+    a, b, c = (Path(built[k]) for k in "abc")
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "tiny_moe.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
+
+
+def test_reloads_with_plain_auto_classes_and_same_logits(built) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(built["a"])
+    tokenizer = AutoTokenizer.from_pretrained(built["a"])
+    assert isinstance(model, MixtralForCausalLM)
+    assert model.config.num_local_experts == 4 and model.config.num_hidden_layers == 2
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 2 * 64, 32)
+    ids = tokenizer(["The court ruled on Tuesday.", "Ich bin hier."], padding=True,
+                    return_tensors="pt")["input_ids"]  # fmt: skip
+    assert ids[0, 0] == tokenizer.bos_token_id == model.config.bos_token_id
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, built["model_a"](input_ids=ids).logits)
+
+
+def test_loss_decreases_and_meta_records_the_run(built, texts) -> None:
+    meta = meta_of(built["a"])
+    assert meta["languages"] == sorted(LANGS)
+    assert meta["steps"] == 30 and meta["seed"] == 0 and meta["config"] == SMALL.to_dict()
+    assert meta["final_train_loss"] < meta["first_train_loss"] - 0.5
+    for lang in LANGS:
+        assert meta["files"][lang]["sha256"] == tm.file_sha256(texts[lang])
+        held = (Path(built["a"]) / "heldout" / f"{lang}.txt").read_text(encoding="utf-8")
+        assert held.splitlines() == texts[lang].read_text(encoding="utf-8").splitlines()[-25:]
+        assert 0 < meta["heldout_nll"][lang] < meta["first_train_loss"]
+    assert meta_of(built["c"])["seed"] == 1
+
+
+def test_routing_by_language_fractions(built) -> None:
+    model, tokenizer, meta = tm.load_tiny_moe(built["a"])
+    held = tm.heldout_texts(built["a"])
+    routing = routing_by_language(model, tokenizer, held)
+    assert routing.shape == (2, 4, 3)
+    assert torch.allclose(routing.sum(dim=1), torch.full((2, 3), 2.0))
+    assert torch.allclose(routing, torch.tensor(meta["routing_heldout"]))
+
+
+def test_existing_build_is_reused_whatever_the_language_order(built, texts, monkeypatch) -> None:
+    spy = TrainSpy()
+    monkeypatch.setattr(tm, "_train", spy)
+    stamp = (Path(built["a"]) / "model.safetensors").stat().st_mtime_ns
+    reordered = dict(reversed(list(texts.items())))
+    assert build_tiny_moe(reordered, built["a"], config=SMALL) == built["a"]
+    assert spy.calls == 0
+    assert (Path(built["a"]) / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_cache_builds_once(texts, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("MSA_EDIT_CACHE", str(tmp_path / "cache"))
+    spy = TrainSpy()
+    monkeypatch.setattr(tm, "_train", spy)
+    small = TinyMoeConfig(**{**SMALL.to_dict(), "steps": 3})
+    first = build_tiny_moe(texts, config=small)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    second = build_tiny_moe(texts, config=small)
+    assert first == second and first.parent.parent == tmp_path / "cache"
+    assert spy.calls == 1 and (second / "model.safetensors").stat().st_mtime_ns == stamp
+    assert build_tiny_moe(texts, steps=4, config=small) != first and spy.calls == 2
+
+
+def test_rebuild_replaces_a_tiny_moe_dir_and_an_interrupted_one_leaves_it(built, texts) -> None:
+    out = Path(built["root"]) / "replace"
+    shutil.copytree(built["a"], out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(tm, "_train", interrupted)
+        build_tiny_moe(texts, out, seed=1, config=SMALL)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
+    build_tiny_moe(texts, out, seed=1, config=SMALL)
+    expected = (Path(built["c"]) / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == expected
+
+
+def test_refuses_to_overwrite_foreign_dir(texts, tmp_path) -> None:
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(MsaEditError, match="not a tiny-moe output"):
+        build_tiny_moe(texts, tmp_path, config=SMALL)
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_cli_trains_default_size_then_reuses(texts, tmp_path, capsys) -> None:
+    out = tmp_path / "model"
+    args = ["tiny-moe", "--out", str(out), "--steps", "2", "--seed", "5"]
+    args += [a for lang in LANGS for a in ("--text", f"{lang}={texts[lang]}")]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"2 steps, seed 5 -> {out}" in printed and "layer 3 top:" in printed
+    meta = meta_of(out)
+    assert meta["config"] == {**TinyMoeConfig().to_dict(), "steps": 2, "seed": 5}
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    ("make_args", "message"),
+    [
+        (lambda t, d: ["--text", str(t["en"])], "is not LANG=FILE"),
+        (lambda t, d: ["--text", f"en={d / 'nope.txt'}"], "does not exist"),
+        (lambda t, d: ["--text", f"en={d / 'empty.txt'}"], "non-blank lines"),
+        (lambda t, d: ["--text", f"en={t['en']}", "--text", f"en={t['de']}"], "given twice"),
+        (lambda t, d: ["--text", f"en={t['en']}", "--steps", "0"], "steps=0 must be at least 1"),
+        (lambda t, d: ["--text", f"en={t['en']}", "--out", str(d)], "not a tiny-moe output"),
+        (lambda t, d: [], "no text given"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(texts, tmp_path, capsys, make_args, message) -> None:
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    args = make_args(texts, tmp_path)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "model")]
+    assert main(["tiny-moe", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msa-edit: error: ") and message in err[0]
+    assert not (tmp_path / "model").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
