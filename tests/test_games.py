@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, build
+from tiny_models import build
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, MixtralConfig, PreTrainedTokenizerFast
 
@@ -143,6 +143,15 @@ def test_objectives_shapes_and_values(tokens) -> None:
     assert LesionGame(model, units, targets, custom)(intact)[0].shape == (2,)
 
 
+def bpe_tokenizer(lines: list[str], vocab: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        lines, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "</s>"])
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
 def test_text_blocks_from_a_local_file(tmp_path) -> None:
     lines = ["the cat sat on the mat", "a dog ran in the park", "the bird sang"] * 20
     path = tmp_path / "en.txt"
@@ -163,10 +172,21 @@ def test_text_blocks_from_a_local_file(tmp_path) -> None:
         text_blocks(tokenizer, tmp_path / "missing.txt", n_seq=1, seq_len=4)
 
 
+def test_text_blocks_from_json_and_parquet(tmp_path) -> None:
+    import datasets
+
+    rows = [{"text": f"line {i} of the corpus", "id": i} for i in range(40)]
+    datasets.Dataset.from_list(rows).to_json(tmp_path / "d.jsonl")
+    datasets.Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
+    datasets.Dataset.from_list([{"body": "x"}]).to_json(tmp_path / "bad.jsonl")
+    tokenizer = bpe_tokenizer([r["text"] for r in rows], vocab=80)
+    a = text_blocks(tokenizer, tmp_path / "d.jsonl", n_seq=3, seq_len=8)
+    b = text_blocks(tokenizer, tmp_path / "d.parquet", n_seq=3, seq_len=8)
+    assert torch.equal(a, b) and tokenizer.decode(a[0][:2]) == "line 0"
+    with pytest.raises(MsaEditError, match="has no 'text' column"):
+        text_blocks(tokenizer, tmp_path / "bad.jsonl", n_seq=1, seq_len=1)
+
+
 def test_targets_must_share_a_length() -> None:
     with pytest.raises(MsaEditError, match="different sequence lengths"):
         Targets.from_dict({"a": torch.zeros(1, 4, dtype=torch.long), "b": torch.zeros(1, 5)})
-
-
-def test_game_vocab_matches(tokens) -> None:
-    assert int(tokens.max()) < VOCAB
