@@ -1,0 +1,152 @@
+"""Remove MoE experts from fused-expert models (Mixtral, Qwen2/3-MoE, OLMoE) in place.
+
+Uniform removal (the same number of experts from every MoE layer) slices the experts out of the
+router and the fused expert weights and lowers the config's expert count: the model equals the
+`reroute` lesion of those experts and reloads with plain `AutoModelForCausalLM.from_pretrained`.
+
+A checkpoint has one expert count for all layers, and a router without a bias cannot send an
+expert's logit to -inf, so non-uniform removal cannot be saved as `reroute`. With
+`extra="zero"` the editor slices out the per-layer minimum (the lowest-numbered requested experts
+of each layer) and zeroes the weights of the rest: the model then equals the `reroute` lesion of
+the sliced experts nested with the `zero` lesion of the zeroed ones (the record lists both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from msa_edit.edit.record import EditRecord, n_params, names
+from msa_edit.errors import MsaEditError
+from msa_edit.lesions import Lesion
+from msa_edit.units import Unit, architecture, decoder_layers, moe_block, moe_parts, n_experts
+
+Extra = Literal["refuse", "zero"]
+
+
+def remove_experts(
+    model: nn.Module, units: Sequence[Unit], *, extra: Extra = "refuse"
+) -> EditRecord:
+    """Slice `units` (experts) out of `model`; checks feasibility before changing anything.
+
+    >>> # record = remove_experts(copy.deepcopy(model), select(model, "layers.*.experts.3"))
+    >>> # record.matches -> 'reroute'; model.save_pretrained(out) reloads without custom code
+    """
+    per_layer = _plan(model, units, extra)
+    removed, zeroed = _split(per_layer)
+    before = n_params(model)
+    for layer_idx, experts in zeroed.items():
+        _zero(model, layer_idx, experts)
+    count = n_experts(model) - len(next(iter(removed.values()), []))
+    if count < n_experts(model):
+        for layer_idx, experts in removed.items():
+            _slice(model, layer_idx, experts)
+        _set_count(model, count)
+    sliced = [Unit(la, "experts", e) for la, es in removed.items() for e in es]
+    zeros = [Unit(la, "experts", e) for la, es in zeroed.items() for e in es]
+    notes = [f"sliced out {len(sliced)} experts: {', '.join(names(sliced)) or 'none'}"]
+    if zeros:
+        notes.append(f"zeroed {len(zeros)} experts (zero lesion): {', '.join(names(zeros))}")
+    return EditRecord(
+        "remove_experts",
+        names(units),
+        "reroute+zero" if zeros else "reroute",
+        before,
+        n_params(model),
+        tuple(notes),
+    )
+
+
+def _plan(model: nn.Module, units: Sequence[Unit], extra: Extra) -> dict[int, list[int]]:
+    """Requested experts per MoE layer (every MoE layer listed); raises if infeasible."""
+    if extra not in ("refuse", "zero"):
+        raise MsaEditError(f"unknown extra={extra!r}; use 'refuse' or 'zero'")
+    Lesion(model, list(units), "reroute")  # validates kind, layer and expert indices
+    _check_weights(model)
+    layers = decoder_layers(model)
+    per_layer: dict[int, list[int]] = {
+        i: [] for i, layer in enumerate(layers) if moe_block(model, layer) is not None
+    }
+    for unit in sorted(set(units)):
+        per_layer[unit.layer].append(unit.index)
+    top_k, total = int(_config(model).num_experts_per_tok), n_experts(model)
+    for layer_idx, experts in per_layer.items():
+        if total - len(experts) < top_k:
+            raise MsaEditError(
+                f"layer {layer_idx} would keep {total - len(experts)} experts, fewer than "
+                f"top-k={top_k}; remove at most {total - top_k} experts per layer"
+            )
+    counts = {len(e) for e in per_layer.values()}
+    if len(counts) > 1 and extra == "refuse":
+        spread = ", ".join(f"layer {i}: {len(e)}" for i, e in per_layer.items())
+        raise MsaEditError(
+            f"non-uniform expert removal ({spread}) cannot be saved as reroute; remove the same "
+            "number per layer, or pass extra='zero' to zero the extra experts (zero lesion)"
+        )
+    return per_layer
+
+
+def _check_weights(model: nn.Module) -> None:
+    """Refuse models whose expert weights are not plain floating-point tensors."""
+    for layer_idx, layer in enumerate(decoder_layers(model)):
+        if moe_block(model, layer) is None:
+            continue
+        gate, experts = _parts(model, layer_idx)
+        tensors = [gate.weight, experts.gate_up_proj, experts.down_proj]
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors):
+            raise MsaEditError(
+                "expert weights are not floating-point tensors (quantized?); edit the "
+                "full-precision model and quantize afterwards"
+            )
+
+
+def _split(per_layer: dict[int, list[int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """(sliced, zeroed) experts per layer: the lowest `min count` indices are sliced."""
+    common = min((len(e) for e in per_layer.values()), default=0)
+    sliced = {i: e[:common] for i, e in per_layer.items()}
+    zeroed = {i: e[common:] for i, e in per_layer.items() if e[common:]}
+    return sliced, zeroed
+
+
+@torch.no_grad()
+def _zero(model: nn.Module, layer_idx: int, experts: list[int]) -> None:
+    """Zero the experts' weights: their output is 0, their routing unchanged (zero lesion)."""
+    _, fused = _parts(model, layer_idx)
+    fused.gate_up_proj[experts] = 0
+    fused.down_proj[experts] = 0
+
+
+@torch.no_grad()
+def _slice(model: nn.Module, layer_idx: int, experts: list[int]) -> None:
+    """Cut the experts out of the layer's router rows and fused expert weights."""
+    gate, fused = _parts(model, layer_idx)
+    keep = [e for e in range(gate.weight.shape[0]) if e not in set(experts)]
+    for module, name in ((gate, "weight"), (fused, "gate_up_proj"), (fused, "down_proj")):
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(old[keep].clone(), requires_grad=old.requires_grad))
+    for module in (gate, fused):
+        if hasattr(module, "num_experts"):
+            setattr(module, "num_experts", len(keep))  # noqa: B010
+
+
+def _set_count(model: nn.Module, count: int) -> None:
+    """Write the new expert count into the config and every module that caches it."""
+    old = n_experts(model)
+    attr = architecture(model).n_experts
+    assert attr is not None
+    setattr(model.config, attr, count)
+    for module in model.modules():
+        if getattr(module, "num_experts", None) == old:
+            setattr(module, "num_experts", count)  # noqa: B010
+
+
+def _config(model: nn.Module) -> Any:
+    return model.config
+
+
+def _parts(model: nn.Module, layer_idx: int) -> tuple[Any, Any]:
+    """(router, fused experts) of MoE layer `layer_idx`, untyped for weight surgery."""
+    return moe_parts(model, decoder_layers(model)[layer_idx])
