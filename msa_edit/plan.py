@@ -1,13 +1,32 @@
-"""Ranking units from Shapley modes: how specifically each unit serves one target over the others.
+"""Plans from Shapley modes: which units to remove (or scale), ranked by contribution to target
+behaviours relative to behaviours to retain, under budgets; saved as the run directory's plan.json.
 
-(Budgets, plan files and significance tests come with the planner; this is the ranking core.)
+Scores are in "help" units: for a loss-like value (NLL; `lower_is_better=True`) a unit helps a
+target when its Shapley value is negative, so help = -value. For a target set T and retain set R,
+
+    selectivity_i = mean_{t in T} help_{i,t} - max(0, mean_{r in R} help_{i,r})
+
+with a standard error from the Shapley stderrs; `least_useful` ranks by -mean help over all
+targets instead (compression: remove what the model needs least).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
 import torch
 
 from msa_edit.errors import MsaEditError
+from msa_edit.units import Unit
+
+Action = Literal["remove", "prune", "scale"]
+Mode = Literal["specific", "least_useful"]
 
 
 def specificity(values: torch.Tensor, lower_is_better: bool = True) -> torch.Tensor:
@@ -29,3 +48,187 @@ def specificity(values: torch.Tensor, lower_is_better: bool = True) -> torch.Ten
         others = torch.cat([helps[:, :t], helps[:, t + 1 :]], dim=1)
         columns.append(helps[:, t] - others.max(dim=1).values)
     return torch.stack(columns, dim=1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many units a plan may take, and the guards it must respect.
+
+    `per_layer`: at most k units per layer; `fraction`: at most this share of all units;
+    `min_keep_per_layer`: never leave fewer units of a kind in a layer (e.g. the router's top-k);
+    `min_z`: only units whose score is at least this many standard errors above zero.
+    """
+
+    per_layer: int | None = None
+    fraction: float | None = None
+    min_keep_per_layer: int = 0
+    min_z: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.per_layer is None and self.fraction is None:
+            raise MsaEditError("a budget needs per_layer (k per layer) or fraction (share of all)")
+        if self.per_layer is not None and self.per_layer < 1:
+            raise MsaEditError(f"per_layer must be >= 1, got {self.per_layer}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise MsaEditError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.min_keep_per_layer < 0:
+            raise MsaEditError(f"min_keep_per_layer must be >= 0, got {self.min_keep_per_layer}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do to which units, with the scores that chose them (the plan.json contract)."""
+
+    action: Action
+    units: tuple[str, ...]
+    scores: dict[str, float]
+    target: list[str]
+    base_model: str
+    retain: list[str] = field(default_factory=list)
+    mode: Mode = "specific"
+    budget: dict[str, Any] = field(default_factory=dict)
+    alpha: dict[str, float] = field(default_factory=dict)
+    stderr: dict[str, float] = field(default_factory=dict)
+    shapley: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unit_list(self) -> list[Unit]:
+        return [Unit.parse(name) for name in self.units]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["units"] = list(self.units)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Plan:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise MsaEditError(f"plan has unknown fields {unknown}; known: {sorted(known)}")
+        if obj.get("action") not in ("remove", "prune", "scale"):
+            action = obj.get("action")
+            raise MsaEditError(f"plan action must be remove, prune or scale, got {action!r}")
+        for name in obj.get("units", []):
+            Unit.parse(name)
+        return cls(**{**obj, "units": tuple(obj.get("units", []))})
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write plan.json atomically (temp file, then rename)."""
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, out)
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        try:
+            obj = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            reason = exc.__class__.__name__
+            raise MsaEditError(f"cannot read plan {path} ({reason}); fix it or re-plan") from exc
+        return cls.from_json(obj)
+
+
+def scores(
+    values: torch.Tensor,
+    stderr: torch.Tensor,
+    target_names: Sequence[str],
+    target: Sequence[str],
+    retain: Sequence[str] = (),
+    mode: Mode = "specific",
+    lower_is_better: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit score (higher = remove first) and its standard error, from `[n, T]` modes."""
+    values, stderr = values.reshape(values.shape[0], -1), stderr.reshape(stderr.shape[0], -1)
+    cols = _columns(target_names, target)
+    sign = -1.0 if lower_is_better else 1.0
+    helps = sign * values.double()
+    se = stderr.double().nan_to_num(posinf=1e30)
+    if mode == "least_useful":
+        score = -helps[:, cols].mean(1)
+        return score, se[:, cols].pow(2).mean(1).sqrt() / math.sqrt(len(cols))
+    score = helps[:, cols].mean(1)
+    var = se[:, cols].pow(2).sum(1) / len(cols) ** 2
+    if retain:
+        rcols = _columns(target_names, retain)
+        keep = helps[:, rcols].mean(1)
+        score = score - keep.clamp_min(0)
+        var = var + (keep > 0).double() * se[:, rcols].pow(2).sum(1) / len(rcols) ** 2
+    return score, var.sqrt()
+
+
+def _columns(names: Sequence[str], wanted: Sequence[str]) -> list[int]:
+    if not wanted:
+        raise MsaEditError("name at least one target, e.g. target=['ru']")
+    missing = [w for w in wanted if w not in names]
+    if missing:
+        raise MsaEditError(f"targets {missing} are not in the Shapley result; it has {list(names)}")
+    return [list(names).index(w) for w in wanted]
+
+
+def make_plan(
+    values: torch.Tensor,
+    stderr: torch.Tensor,
+    units: Sequence[Unit],
+    target_names: Sequence[str],
+    *,
+    target: Sequence[str],
+    budget: Budget,
+    retain: Sequence[str] = (),
+    mode: Mode = "specific",
+    action: Action = "remove",
+    base_model: str = "",
+    lower_is_better: bool = True,
+    layer_sizes: dict[tuple[int, str], int] | None = None,
+    shapley: dict[str, Any] | None = None,
+) -> Plan:
+    """Choose units by score under `budget` (see `Budget`) and return the plan.
+
+    `layer_sizes[(layer, kind)]` is how many units of a kind each layer has (needed for
+    `min_keep_per_layer`; defaults to the units given).
+    """
+    if values.shape[0] != len(units):
+        raise MsaEditError(f"{values.shape[0]} rows of values for {len(units)} units")
+    score, se = scores(values, stderr, target_names, target, retain, mode, lower_is_better)
+    sizes = layer_sizes or _count(units)
+    limit = len(units) if budget.fraction is None else int(budget.fraction * len(units))
+    taken: dict[tuple[int, str], int] = {}
+    chosen: list[int] = []
+    for i in torch.argsort(score, descending=True, stable=True).tolist():
+        key = (units[i].layer, units[i].kind)
+        if len(chosen) >= limit:
+            break
+        if budget.per_layer is not None and taken.get(key, 0) >= budget.per_layer:
+            continue
+        if sizes.get(key, 0) - taken.get(key, 0) - 1 < budget.min_keep_per_layer:
+            continue
+        if budget.min_z is not None and not score[i] >= budget.min_z * se[i]:
+            continue
+        if mode == "specific" and score[i] <= 0:
+            continue
+        taken[key] = taken.get(key, 0) + 1
+        chosen.append(i)
+    chosen.sort(key=lambda i: units[i])
+    names = tuple(str(units[i]) for i in chosen)
+    return Plan(
+        action=action,
+        units=names,
+        scores={str(u): round(float(s), 6) for u, s in zip(units, score, strict=True)},
+        stderr={str(u): round(float(s), 6) for u, s in zip(units, se, strict=True)},
+        target=list(target),
+        retain=list(retain),
+        mode=mode,
+        budget={k: v for k, v in asdict(budget).items() if v is not None},
+        base_model=base_model,
+        shapley=shapley or {},
+    )
+
+
+def _count(units: Sequence[Unit]) -> dict[tuple[int, str], int]:
+    counts: dict[tuple[int, str], int] = {}
+    for u in units:
+        counts[(u.layer, u.kind)] = counts.get((u.layer, u.kind), 0) + 1
+    return counts

@@ -9,15 +9,17 @@ languages is `evals/language_experts.py`.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 
+from msa_edit.edit import remove_experts
 from msa_edit.evaluate.plots import expert_heatmaps
 from msa_edit.games import LesionGame, MeanNLL, Targets, text_blocks
 from msa_edit.lesions import lesioned
-from msa_edit.plan import specificity
+from msa_edit.plan import Budget, make_plan, specificity
 from msa_edit.shapley import estimate
 from msa_edit.tiny_moe import HELDOUT_DIR, TinyMoeConfig, build_tiny_moe, load_tiny_moe
 from msa_edit.units import select
@@ -37,14 +39,21 @@ def nll(model, targets: Targets) -> torch.Tensor:
     return MeanNLL().reduce(MeanNLL().row_stats(logits, targets.input_ids, None), targets)
 
 
-def test_each_language_has_an_expert_that_costs_it_the_most(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def analysed():
+    """The trained model, held-out targets (analysis half, evaluation half), units, exact modes."""
     path = build_tiny_moe({lang: DATA / f"{lang}.txt" for lang in LANGS}, steps=600, config=CONFIG)
     model, tokenizer, _ = load_tiny_moe(path)
-    heldout = {lang: path / HELDOUT_DIR / f"{lang}.txt" for lang in LANGS}
-    targets = Targets.from_dict({k: text_blocks(tokenizer, f, 4, 32) for k, f in heldout.items()})
+    blocks = {k: text_blocks(tokenizer, path / HELDOUT_DIR / f"{k}.txt", 8, 32) for k in LANGS}
+    targets = Targets.from_dict({k: b[:4] for k, b in blocks.items()})
+    unseen = Targets.from_dict({k: b[4:] for k, b in blocks.items()})
     units = select(model, "layers.*.experts.*")
     game = LesionGame(model, units, targets, MeanNLL(), "reroute")
-    res = estimate(game, len(units), method="exact", progress=False)
+    return model, targets, unseen, units, estimate(game, len(units), method="exact", progress=False)
+
+
+def test_each_language_has_an_expert_that_costs_it_the_most(analysed, tmp_path) -> None:
+    model, targets, _, units, res = analysed
     assert res.values.shape == (8, 3)
     spec = specificity(res.values)
     base = nll(model, targets)
@@ -56,3 +65,18 @@ def test_each_language_has_an_expert_that_costs_it_the_most(tmp_path) -> None:
         assert int(delta.argmax()) == t, (LANGS[t], unit, delta.tolist())
     png = expert_heatmaps(-res.values, units, LANGS, tmp_path / "modes.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_removing_the_experts_most_specific_to_ru_hurts_ru_most(analysed) -> None:
+    model, _, unseen, units, res = analysed
+    others = [lang for lang in LANGS if lang != "ru"]
+    plan = make_plan(res.values, res.stderr, units, list(LANGS), target=["ru"], retain=others,
+                     budget=Budget(per_layer=1, min_keep_per_layer=2))  # fmt: skip
+    assert len(plan.units) == 2
+    edited = copy.deepcopy(model)
+    remove_experts(edited, plan.unit_list)
+    assert edited.config.num_local_experts == 3
+    delta = nll(edited, unseen) - nll(model, unseen)  # held-out blocks the analysis never saw
+    ru = LANGS.index("ru")
+    rest = torch.cat([delta[:ru], delta[ru + 1 :]])
+    assert delta[ru] >= 2 * rest.max(), delta.tolist()

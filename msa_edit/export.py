@@ -1,0 +1,438 @@
+"""Export an edited model: safetensors checkpoint + tokenizer + model card, and push it to the Hub.
+
+``export_model`` writes a directory that plain ``AutoModelForCausalLM.from_pretrained`` loads
+(no custom code), with a ``README.md`` model card whose YAML front matter the Hub understands and
+whose sections record how the model was made (recipe, plan, Shapley analysis, before/after
+metrics). The write is atomic: everything goes into a temporary directory beside ``out_dir`` that
+is renamed into place at the end, so a failure leaves neither a half-written ``out_dir`` nor the
+temporary directory behind.
+
+``push_to_hub`` uploads such a directory with ``huggingface_hub.HfApi``. The token is only ever
+handed to ``HfApi``; it is never printed, logged, written to a file or put in an exception message.
+
+Example (the card alone; exporting needs a model and a tokenizer)::
+
+    >>> card = CardInfo(base_model="org/base", license="apache-2.0",
+    ...                 metrics={"before": {"ppl/ru": 12.0}, "after": {"ppl/ru": 30.0}})
+    >>> text = render_card(card, title="my-model")
+    >>> text.splitlines()[0], "msa-edit" in text, "| ppl/ru | 12 | 30 | +18 |" in text
+    ('---', True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from huggingface_hub import HfApi, get_token
+
+from msa_edit.errors import MsaEditError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["CardInfo", "export_model", "push_to_hub", "render_card"]
+
+log = logging.getLogger(__name__)
+
+CARD_NAME = "README.md"
+INFO_NAME = "msa_edit.json"
+BASE_TAGS = ("msa-edit", "shapley", "model-editing")
+SHAPLEY_FIELDS = ("method", "budget", "seed", "n_evaluations", "batch_size")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@dataclass(frozen=True)
+class CardInfo:
+    """What the model card says about how the model was made; every field is optional plain data.
+
+    ``plan`` is a ``plan.json`` dict (``action``, ``units``, ``scores``, ``target``, ...),
+    ``shapley`` a ``shapley.json``-like dict (``method``, ``budget``, ``seed``,
+    ``n_evaluations``; arrays are ignored), ``metrics`` an ``eval.json`` dict
+    ``{"before": {...}, "after": {...}}``, ``recipe`` the recipe as a dict. ``license`` falls back
+    to the base model's card when left ``None``.
+
+    >>> CardInfo.from_dict({"base_model": "org/m", "plan": {"action": "remove"}}).plan
+    {'action': 'remove'}
+    """
+
+    base_model: str | None = None
+    license: str | None = None
+    recipe: Mapping[str, Any] | None = None
+    plan: Mapping[str, Any] | None = None
+    shapley: Mapping[str, Any] | None = None
+    metrics: Mapping[str, Mapping[str, float]] | None = None
+    tags: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CardInfo:
+        """Build from a plain dict (unknown keys are an error naming the allowed ones)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise MsaEditError(f"unknown model-card field(s) {unknown}; use only {sorted(names)}")
+        kwargs = dict(data)
+        if "tags" in kwargs:
+            kwargs["tags"] = tuple(kwargs["tags"])
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able dict of all fields."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike[str] | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    card: CardInfo | Mapping[str, Any] | None = None,
+    max_shard_size: int | str = "200MB",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (safetensors, sharded above ``max_shard_size``), tokenizer and model card.
+
+    ``tokenizer`` is a tokenizer object, or a path/Hub id to load one from and re-save (``None``
+    exports the model alone). Refuses a non-empty existing ``out_dir`` unless ``overwrite=True``,
+    which replaces it only once the new export is complete. Returns the output directory.
+
+    >>> import tempfile
+    >>> from tiny_models import build
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     d = export_model(build("llama"), None, f"{tmp}/m", card={"base_model": "x/y"})
+    ...     names = sorted(p.name for p in d.iterdir())
+    >>> names[:3]
+    ['README.md', 'config.json', 'generation_config.json']
+    """
+    out = Path(out_dir)
+    info = _as_card(card)
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_export(model, tokenizer, tmp, info, max_shard_size, title=out.name)
+        tmp.chmod(0o755)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported model to %s", out)
+    return out
+
+
+def _as_card(card: CardInfo | Mapping[str, Any] | None) -> CardInfo:
+    """Normalise the ``card`` argument to a ``CardInfo``."""
+    if card is None:
+        return CardInfo()
+    if isinstance(card, CardInfo):
+        return card
+    return CardInfo.from_dict(card)
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    """Fail early if ``out`` cannot be (re)placed by a fresh export."""
+    if out.exists() and not out.is_dir():
+        raise MsaEditError(f"export target {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MsaEditError(
+            f"export target {out} exists and is not empty; "
+            "pass overwrite=True or choose another path"
+        )
+
+
+def _write_export(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike[str] | None,
+    tmp: Path,
+    info: CardInfo,
+    max_shard_size: int | str,
+    *,
+    title: str,
+) -> None:
+    """Fill ``tmp`` with weights, config, tokenizer, card and the machine-readable card info."""
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    _save_tokenizer(tokenizer, tmp)
+    if info.license is None:
+        info = dataclasses.replace(info, license=_base_license(info.base_model, model))
+    (tmp / CARD_NAME).write_text(render_card(info, title=title), encoding="utf-8")
+    (tmp / INFO_NAME).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+def _save_tokenizer(
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike[str] | None, tmp: Path
+) -> None:
+    """Save the tokenizer object, or load it from a path/Hub id and save it."""
+    if tokenizer is None:
+        log.warning("exporting without a tokenizer; AutoTokenizer won't load from this directory")
+        return
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    tokenizer.save_pretrained(tmp)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is set aside, then deleted."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _base_license(base_model: str | None, model: PreTrainedModel) -> str | None:
+    """The ``license`` of the base model's local card (or config), when one is known."""
+    config = getattr(model, "config", None)
+    from_config = getattr(config, "license", None)
+    if isinstance(from_config, str):
+        return from_config
+    for source in (base_model, getattr(config, "_name_or_path", None)):
+        if source and (Path(source) / CARD_NAME).is_file():
+            meta = _front_matter((Path(source) / CARD_NAME).read_text(encoding="utf-8"))
+            if isinstance(meta.get("license"), str):
+                return str(meta["license"])
+    return None
+
+
+def _front_matter(text: str) -> dict[str, Any]:
+    """The YAML front matter of a model card (``{}`` when absent or malformed)."""
+    if not text.startswith("---"):
+        return {}
+    parts = text.split("\n---", 1)
+    try:
+        meta = yaml.safe_load(parts[0].removeprefix("---"))
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+# --------------------------------------------------------------------------- card
+
+
+def render_card(card: CardInfo, *, title: str = "model") -> str:
+    """Model card text: Hub YAML front matter, then plan, Shapley, metrics and recipe sections."""
+    sections = [
+        _front_matter_block(card),
+        f"# {title}\n\n{_intro(card)}",
+        _plan_section(card.plan),
+        _shapley_section(card.shapley),
+        _metrics_section(card.metrics),
+        _recipe_section(card.recipe),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _front_matter_block(card: CardInfo) -> str:
+    """``---``-fenced YAML metadata for the Hub."""
+    meta: dict[str, Any] = {}
+    if card.base_model and _is_hub_id(card.base_model):
+        meta["base_model"] = card.base_model
+    meta["tags"] = list(dict.fromkeys([*BASE_TAGS, *card.tags]))
+    if card.license:
+        meta["license"] = card.license
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
+
+
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` looks like a Hub repo id (``org/name``) rather than a local path.
+
+    >>> _is_hub_id("mistralai/Mixtral-8x7B-v0.1"), _is_hub_id("/tmp/base"), _is_hub_id("./m")
+    (True, False, False)
+    """
+    return bool(_HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+
+def _intro(card: CardInfo) -> str:
+    """One paragraph saying what this model is."""
+    base = f"`{card.base_model}`" if card.base_model else "a base model"
+    return (
+        f"Edited from {base} with msa-edit, which finds the units (experts, "
+        "heads, neurons) that produce a behaviour by Multiperturbation Shapley-value Analysis and "
+        "edits them. Loads with plain `AutoModelForCausalLM.from_pretrained` (no custom code)."
+    )
+
+
+def _plan_section(plan: Mapping[str, Any] | None) -> str:
+    """The edit plan: action, target and a unit/score table."""
+    if not plan:
+        return ""
+    lines = ["## Edit plan", ""]
+    for key in ("action", "target"):
+        if key in plan:
+            lines.append(f"- **{key}**: `{_cell(plan[key])}`")
+    units = [str(u) for u in plan.get("units", [])]
+    lines.append(f"- **units edited**: {len(units)}")
+    if units:
+        lines += ["", *_unit_table(units, plan)]
+    return "\n".join(lines)
+
+
+def _unit_table(units: list[str], plan: Mapping[str, Any]) -> list[str]:
+    """Markdown rows ``unit | score [| scale]`` for the plan's units."""
+    scores = plan.get("scores") or {}
+    scales = plan.get("scales") or plan.get("alphas") or {}
+    header = "| unit | score |" + (" scale |" if scales else "")
+    rows = [header, "|---|---:|" + ("---:|" if scales else "")]
+    for unit in units:
+        row = f"| `{unit}` | {_cell(scores.get(unit, ''))} |"
+        if scales:
+            row += f" {_cell(scales.get(unit, ''))} |"
+        rows.append(row)
+    return rows
+
+
+def _shapley_section(shapley: Mapping[str, Any] | None) -> str:
+    """Method, budget, seed and evaluation count of the Shapley analysis."""
+    if not shapley:
+        return ""
+    lines = ["## Shapley analysis", ""]
+    for key in SHAPLEY_FIELDS:
+        if key in shapley:
+            lines.append(f"- **{key}**: {_cell(shapley[key])}")
+    for key in ("units", "targets"):
+        if isinstance(shapley.get(key), (list, tuple)):
+            lines.append(f"- **{key}**: {len(shapley[key])}")
+    return "\n".join(lines)
+
+
+def _metrics_section(metrics: Mapping[str, Mapping[str, float]] | None) -> str:
+    """A before/after/delta table over the union of metric names."""
+    if not metrics:
+        return ""
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    names = list(dict.fromkeys([*before, *after]))
+    rows = ["## Evaluation", "", "| metric | before | after | change |", "|---|---:|---:|---:|"]
+    for name in names:
+        b, a = before.get(name), after.get(name)
+        rows.append(f"| {_cell(name)} | {_num(b)} | {_num(a)} | {_delta(b, a)} |")
+    return "\n".join(rows)
+
+
+def _recipe_section(recipe: Mapping[str, Any] | None) -> str:
+    """The recipe that produced the model, as YAML."""
+    if not recipe:
+        return ""
+    body = yaml.safe_dump(_plain(recipe), sort_keys=False, allow_unicode=True)
+    return f"## Recipe\n\n```yaml\n{body}```"
+
+
+def _num(x: Any) -> str:
+    """A metric value for a table cell (4 significant digits)."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return f"{x:.4g}"
+    return "" if x is None else _cell(x)
+
+
+def _delta(before: Any, after: Any) -> str:
+    """``after - before`` with a sign, or empty when either is missing or not finite."""
+    if not all(isinstance(x, (int, float)) for x in (before, after)):
+        return ""
+    d = float(after) - float(before)
+    return f"{d:+.4g}" if math.isfinite(d) else ""
+
+
+def _cell(x: Any) -> str:
+    """Any value as a single-line markdown cell."""
+    text = x if isinstance(x, str) else json.dumps(_plain(x))
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _plain(x: Any) -> Any:
+    """``x`` as JSON/YAML-safe plain data (dataclasses, tensors and numpy scalars included)."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _plain(dataclasses.asdict(x))
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in x]
+    if x is None or isinstance(x, (str, bool, int, float)):
+        return x
+    if hasattr(x, "tolist"):
+        return _plain(x.tolist())
+    return str(x)
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def push_to_hub(
+    out_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    commit_message: str = "Upload model edited with msa-edit",
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """Create ``repo_id`` (if missing) and upload the exported directory; returns the commit URL.
+
+    The token comes from ``token``, else ``HF_TOKEN`` or the saved login
+    (``huggingface_hub.get_token``). ``endpoint`` (else ``HF_ENDPOINT``, else the public Hub) lets
+    it target another server, e.g. a local one.
+
+    >>> push_to_hub("runs/demo/model", "me/tiny-moe-no-ru", private=True)  # doctest: +SKIP
+    'https://huggingface.co/me/tiny-moe-no-ru/commit/...'
+    """
+    folder = Path(out_dir)
+    if not (folder / "config.json").is_file():
+        raise MsaEditError(
+            f"{folder} is not an exported model (no config.json); run export_model first"
+        )
+    secret = token or get_token()
+    if not secret:
+        raise MsaEditError(
+            "no Hugging Face token found; pass token=..., set HF_TOKEN, or run `hf auth login`"
+        )
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=secret)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message
+        )
+    except Exception as err:  # re-raised as one line; the cause is dropped so no header leaks
+        reason = _scrub(_one_line(err), secret)
+        raise MsaEditError(
+            f"push of {folder} to {repo_id} at {api.endpoint} failed ({reason}); "
+            "check the repo id, the token's write permission and the endpoint"
+        ) from None
+    log.info("pushed %s to %s (%s)", folder, repo_id, info.commit_url)
+    return str(info.commit_url)
+
+
+def _one_line(err: Exception) -> str:
+    """The error's type, first line and (for Hub HTTP errors) the server's message, on one line."""
+    lines = str(err).splitlines() or [""]
+    text = f"{type(err).__name__}: {lines[0]}"
+    server = getattr(err, "server_message", None)
+    if server:
+        text += f" ({' '.join(str(server).split())})"
+    return text
+
+
+def _scrub(text: str, secret: str) -> str:
+    """``text`` with every occurrence of ``secret`` masked."""
+    return text.replace(secret, "***") if secret else text
