@@ -60,6 +60,11 @@ def remove_experts(
     )
 
 
+def check_removal(model: nn.Module, units: Sequence[Unit], extra: Extra = "refuse") -> None:
+    """Raise `MsaEditError` if `remove_experts(model, units, extra=extra)` would be refused."""
+    _plan(model, units, extra)
+
+
 def _plan(model: nn.Module, units: Sequence[Unit], extra: Extra) -> dict[int, list[int]]:
     """Requested experts per MoE layer (every MoE layer listed); raises if infeasible."""
     if extra not in ("refuse", "zero"):
