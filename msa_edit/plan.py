@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from msa_edit.errors import MsaEditError
+from msa_edit.shapley.result import InteractionResult
 from msa_edit.units import Unit
 
 Action = Literal["remove", "prune", "scale"]
@@ -184,15 +185,23 @@ def make_plan(
     lower_is_better: bool = True,
     layer_sizes: dict[tuple[int, str], int] | None = None,
     shapley: dict[str, Any] | None = None,
+    interactions: InteractionResult | None = None,
+    max_redundancy: float = 0.0,
 ) -> Plan:
     """Choose units by score under `budget` (see `Budget`) and return the plan.
 
     `layer_sizes[(layer, kind)]` is how many units of a kind each layer has (needed for
-    `min_keep_per_layer`; defaults to the units given).
+    `min_keep_per_layer`; defaults to the units given). With `interactions` (pairwise Shapley
+    interaction indices over the same targets, pairs indexing `units`), a unit is not taken
+    together with a chosen unit it is redundant with — redundancy above `max_redundancy`, in
+    the targets' units — since removing both loses what either alone would have covered.
     """
     if values.shape[0] != len(units):
         raise MsaEditError(f"{values.shape[0]} rows of values for {len(units)} units")
     score, se = scores(values, stderr, target_names, target, retain, mode, lower_is_better)
+    redundant = _redundant_pairs(
+        interactions, target_names, target, lower_is_better, max_redundancy
+    )
     sizes = layer_sizes or _count(units)
     limit = len(units) if budget.fraction is None else int(budget.fraction * len(units))
     taken: dict[tuple[int, str], int] = {}
@@ -208,6 +217,8 @@ def make_plan(
         if budget.min_z is not None and not score[i] >= budget.min_z * se[i]:
             continue
         if mode == "specific" and score[i] <= 0:
+            continue
+        if any((min(i, j), max(i, j)) in redundant for j in chosen):
             continue
         taken[key] = taken.get(key, 0) + 1
         chosen.append(i)
@@ -225,6 +236,30 @@ def make_plan(
         base_model=base_model,
         shapley=shapley or {},
     )
+
+
+def _redundant_pairs(
+    interactions: InteractionResult | None,
+    target_names: Sequence[str],
+    target: Sequence[str],
+    lower_is_better: bool,
+    threshold: float,
+) -> set[tuple[int, int]]:
+    """Pairs (i < j) whose interaction makes them redundant on the targets beyond `threshold`.
+
+    For a loss, a redundant pair of helpful units has a positive interaction index (together
+    they lower the loss less than the sum of their separate effects).
+    """
+    if interactions is None:
+        return set()
+    cols = _columns(target_names, target)
+    mean = interactions.values.reshape(len(interactions.pairs), -1)[:, cols].double().mean(1)
+    redundancy = mean if lower_is_better else -mean
+    return {
+        (min(i, j), max(i, j))
+        for (i, j), r in zip(interactions.pairs, redundancy.tolist(), strict=True)
+        if r > threshold
+    }
 
 
 def _count(units: Sequence[Unit]) -> dict[tuple[int, str], int]:

@@ -92,3 +92,25 @@ def test_bad_plans(kwargs, match) -> None:
         make_plan(VALUES, STDERR, UNITS, LANGS, **kwargs)
     with pytest.raises(MsaEditError, match="needs per_layer"):
         Budget()
+
+
+def test_interactions_keep_redundant_pairs_apart() -> None:
+    from msa_edit.shapley import estimate, interactions
+
+    # a loss game of 4 experts where 0 and 1 are fully redundant (either covers the other)
+    def loss(c: torch.Tensor) -> torch.Tensor:
+        c = c.double()
+        covered = torch.maximum(c[:, 0], c[:, 1])
+        return (1.0 - 0.2 * covered - 0.5 * c[:, 2] - 0.6 * c[:, 3])[:, None]
+
+    units = [Unit(0, "experts", e) for e in range(4)]
+    res = estimate(loss, 4, method="exact", progress=False)
+    budget = Budget(per_layer=2)
+    naive = make_plan(res.values, res.stderr, units, ["x"], target=["x"], mode="least_useful",
+                      budget=budget)  # fmt: skip
+    assert naive.units == ("layers.0.experts.0", "layers.0.experts.1")  # each looks useless
+    pairs = interactions(loss, 4, [(0, 1), (0, 2), (1, 3)], progress=False)
+    assert float(pairs.values[0, 0]) == pytest.approx(0.2)  # redundant: positive for a loss
+    guarded = make_plan(res.values, res.stderr, units, ["x"], target=["x"], mode="least_useful",
+                        budget=budget, interactions=pairs)  # fmt: skip
+    assert guarded.units == ("layers.0.experts.0", "layers.0.experts.2")
