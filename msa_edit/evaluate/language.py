@@ -1,0 +1,146 @@
+"""Per-language mean next-token NLL and perplexity, and the run directory's `eval.json`.
+
+The numbers go through the local `evaluate` metric module `metrics/nll.py`, so the same metric can
+be used (and cited) outside msa_edit: `evaluate.load(str(NLL_METRIC))`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from msa_edit.errors import MsaEditError
+from msa_edit.games import text_blocks, token_nll
+
+NLL_METRIC = Path(__file__).parent / "metrics" / "nll.py"
+
+
+@functools.cache
+def nll_metric() -> Any:
+    """The local `evaluate` NLL/perplexity metric, loaded offline once per process.
+
+    >>> nll_metric().compute(nll_sum=[3.0], n_tokens=[3])["nll"]
+    1.0
+    """
+    import evaluate  # heavy import, only when a metric is computed
+
+    return evaluate.load(str(NLL_METRIC), keep_in_memory=True)
+
+
+@contextmanager
+def _eval_mode(model: PreTrainedModel) -> Iterator[None]:
+    """Eval mode and no autograd for the block; the training flag is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def block_nll(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Per-block next-token NLL sums `[n_blocks]` (float64) of token blocks `[n_blocks, T]`."""
+    device = next(model.parameters()).device
+    sums = []
+    with _eval_mode(model):
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            sums.append(token_nll(logits, ids).double().sum(1).cpu())
+    return torch.cat(sums)
+
+
+def language_nll(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    texts: Mapping[str, Path | str],
+    *,
+    n_seq: int = 8,
+    seq_len: int = 64,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """Mean next-token NLL and perplexity per language on held-out text.
+
+    `texts` maps a language code to a local text file (or data set, see `games.text_blocks`); each
+    gives `n_seq` blocks of `seq_len` tokens. Every file is read before the first forward pass, so a
+    bad path fails fast. Returns `{"nll/ru": ..., "ppl/ru": ..., ...}` for every language.
+
+    >>> # language_nll(model, tokenizer, {"ru": "heldout/ru.txt", "en": "heldout/en.txt"})
+    >>> # {'nll/ru': 3.12, 'ppl/ru': 22.6, 'nll/en': 2.71, 'ppl/en': 15.0}
+    """
+    if not texts:
+        raise MsaEditError("no held-out texts given; pass at least one LANG=FILE")
+    blocks = {lang: text_blocks(tokenizer, path, n_seq, seq_len) for lang, path in texts.items()}
+    out: dict[str, float] = {}
+    for lang, ids in blocks.items():
+        sums = block_nll(model, ids, batch_size)
+        scores = nll_metric().compute(nll_sum=sums.tolist(), n_tokens=[seq_len - 1] * len(sums))
+        out[f"nll/{lang}"] = float(scores["nll"])
+        out[f"ppl/{lang}"] = float(scores["perplexity"])
+    return out
+
+
+def compare(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """The `eval.json` structure with a `delta` (after - before) for every metric both sides have.
+
+    >>> compare({"nll/ru": 2.0}, {"nll/ru": 2.5})
+    {'before': {'nll/ru': 2.0}, 'after': {'nll/ru': 2.5}, 'delta': {'nll/ru': 0.5}}
+    """
+    delta = {k: float(after[k]) - float(before[k]) for k in before if k in after}
+    return {
+        "before": {k: float(v) for k, v in before.items()},
+        "after": {k: float(v) for k, v in after.items()},
+        "delta": delta,
+    }
+
+
+def write_eval_json(
+    path: Path | str, before: Mapping[str, float], after: Mapping[str, float]
+) -> Path:
+    """Write `compare(before, after)` to `path` atomically as strict JSON (no NaN or infinity).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     read_eval_json(write_eval_json(Path(d) / "eval.json", {"x": 1.0}, {"x": 2.0}))["delta"]
+    {'x': 1.0}
+    """
+    record = compare(before, after)
+    bad = [f"{s}.{k}" for s, m in record.items() for k, v in m.items() if not math.isfinite(v)]
+    if bad:
+        raise MsaEditError(f"eval metrics {bad} are not finite; strict JSON cannot hold them")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_eval_json(path: Path | str) -> dict[str, dict[str, float]]:
+    """Read an `eval.json`; non-finite numbers (not strict JSON) are rejected."""
+
+    def reject(token: str) -> float:
+        raise MsaEditError(f"{path} holds {token}, which strict JSON does not allow")
+
+    record: dict[str, dict[str, float]] = json.loads(Path(path).read_text(), parse_constant=reject)
+    for side in ("before", "after"):
+        if side not in record:
+            raise MsaEditError(f"{path} has no {side!r} metrics; it is not an eval.json")
+    return record
