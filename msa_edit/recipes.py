@@ -1,0 +1,503 @@
+"""YAML recipe schema: one file describes one run, model -> units -> lesion games -> plan -> export.
+
+The pydantic models below are both the Python API and the YAML schema (unknown keys are errors).
+`load_recipe` reads a file, applies `--set key.path=value` overrides and validates it; every
+problem is one `MsaEditError` line naming the file and the key path. Local data paths are
+resolved against the recipe's folder and must exist; anything that looks like a Hub id is kept.
+
+>>> r = Recipe(model={"id_or_path": "org/model"}, units=["layers.*.experts.*"],
+...            targets={"sets": {"en": {"path": "org/english"}}}, estimator={"budget": 400})
+>>> r.estimator.method, r.lesion.kind, r.plan is None
+('auto', 'reroute', True)
+>>> Recipe.from_yaml(r.to_yaml()) == r
+True
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import types
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from msa_edit.errors import MsaEditError
+from msa_edit.lesions import LESION_KINDS
+from msa_edit.plan import Action, Budget, Mode
+from msa_edit.shapley.estimate import METHODS
+from msa_edit.units import Unit
+
+__all__ = [
+    "EditStage",
+    "EstimatorStage",
+    "EvaluateStage",
+    "ExportStage",
+    "HealStage",
+    "LesionStage",
+    "ModelStage",
+    "PlanStage",
+    "Recipe",
+    "TargetSet",
+    "TargetsStage",
+    "load_recipe",
+]
+
+DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+"""Suffixes of local data files (what `games.text_blocks` reads); other names may be Hub ids."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_NUMBER = re.compile(r"^[0-9*?]+$")
+
+
+class _At(ValueError):
+    """A validation error at `path` below the model that raised it."""
+
+    def __init__(self, path: Sequence[str], message: str) -> None:
+        super().__init__(message)
+        self.path = tuple(path)
+
+
+def _bitsandbytes_available() -> bool:
+    """Whether `bitsandbytes` can be imported (checked without importing it)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _check_unit_pattern(pattern: str) -> str:
+    """A canonical unit name, or a glob of one (`*` = one dotted segment); syntax only.
+
+    >>> _check_unit_pattern("layers.*.mlp.neurons.1?")
+    'layers.*.mlp.neurons.1?'
+    """
+    pattern = pattern.strip()
+    if not any(c in pattern for c in "*?"):
+        try:
+            Unit.parse(pattern)
+        except MsaEditError as exc:
+            raise ValueError(str(exc)) from None
+        return pattern
+    if not _glob_ok(pattern.split(".")):
+        raise ValueError(
+            f"malformed unit glob {pattern!r}; globs look like layers.*, layers.*.experts.*, "
+            "layers.0.heads.*, layers.*.mlp.neurons.* (`*` matches one dotted segment)"
+        )
+    return pattern
+
+
+def _glob_ok(parts: Sequence[str]) -> bool:
+    """Whether dotted glob segments can spell a unit name (2, 4 or 5 segments)."""
+    if len(parts) not in (2, 4, 5) or not _segment_matches(parts[0], ("layers",)):
+        return False
+    numbers = [parts[1], parts[-1]]
+    if len(parts) == 4 and not _segment_matches(parts[2], ("experts", "heads")):
+        return False
+    if len(parts) == 5 and not (
+        _segment_matches(parts[2], ("mlp",)) and _segment_matches(parts[3], ("neurons",))
+    ):
+        return False
+    return all(_NUMBER.match(n) for n in numbers)
+
+
+def _segment_matches(glob: str, words: Sequence[str]) -> bool:
+    """Whether a one-segment glob matches any of `words`."""
+    regex = re.escape(glob).replace(r"\*", "[^.]*").replace(r"\?", "[^.]")
+    return any(re.fullmatch(regex, w) for w in words)
+
+
+def _check_data_source(source: str, info: ValidationInfo) -> str:
+    """A Hub data set id as given, or a local data file resolved against the recipe's folder."""
+    if not source.strip():
+        raise ValueError("give a local .txt/.json/.jsonl/.parquet file or a Hub data set id")
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = (base / Path(source).expanduser()).resolve()
+    looks_local = source.endswith(DATA_SUFFIXES) or source.startswith(("/", ".", "~"))
+    if path.is_file():
+        return str(path)
+    if looks_local or not _HUB_ID.match(source):
+        raise ValueError(f"data file {path} does not exist; fix the path or give a Hub id")
+    return source
+
+
+def _experts_only(pattern: str) -> bool:
+    """Whether a unit name or glob can only name experts."""
+    parts = pattern.split(".")
+    return (
+        len(parts) == 4
+        and _segment_matches(parts[2], ("experts",))
+        and not _segment_matches(parts[2], ("heads",))
+    )
+
+
+PosInt = Annotated[StrictInt, Field(gt=0)]
+NonNegInt = Annotated[StrictInt, Field(ge=0)]
+UnitPattern = Annotated[str, AfterValidator(_check_unit_pattern)]
+DataSource = Annotated[str, AfterValidator(_check_data_source)]
+
+
+class _Stage(BaseModel):
+    """Frozen, and unknown keys are errors: the schema is the API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelStage(_Stage):
+    """The model to analyse: a local folder or Hub id, its dtype, optional 4/8-bit loading."""
+
+    id_or_path: str = Field(min_length=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    bits: Literal[4, 8] | None = None
+    device_map: str | None = None
+
+    @field_validator("bits")
+    @classmethod
+    def _quant_installed(cls, bits: int | None) -> int | None:
+        if bits is not None and not _bitsandbytes_available():
+            raise ValueError(
+                f"{bits}-bit loading needs bitsandbytes, which is not installed; "
+                "pip install msa-edit[quant]"
+            )
+        return bits
+
+
+class TargetSet(_Stage):
+    """One named target set: `n_seq` blocks of `seq_len` tokens from a data file or Hub id."""
+
+    path: DataSource
+    n_seq: PosInt = 24
+    seq_len: Annotated[StrictInt, Field(ge=2)] = 64
+    split: str = "train"
+
+
+class TargetsStage(_Stage):
+    """The behaviours measured: named target sets, which of them to retain, and the objective."""
+
+    sets: dict[str, TargetSet]
+    retain: tuple[str, ...] = ()
+    objective: Literal["mean_nll", "position_nll"] = "mean_nll"
+
+    @model_validator(mode="after")
+    def _retain_known(self) -> TargetsStage:
+        if not self.sets:
+            raise _At(("sets",), "give at least one target set, e.g. en: {path: en.txt}")
+        for i, name in enumerate(self.retain):
+            if name not in self.sets:
+                raise _At(("retain", str(i)), _unknown_set(name, self.sets))
+        return self
+
+
+class LesionStage(_Stage):
+    """How a unit is taken out during analysis (and by the matching editor)."""
+
+    kind: str = "reroute"
+    alpha: float = 0.0
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in LESION_KINDS:
+            raise ValueError(f"unknown lesion {kind!r}; choose one of {', '.join(LESION_KINDS)}")
+        return kind
+
+    @model_validator(mode="after")
+    def _alpha_for_scale(self) -> LesionStage:
+        if not math.isfinite(self.alpha):
+            raise _At(("alpha",), f"must be a finite number (got {self.alpha})")
+        if self.kind != "scale" and self.alpha != 0.0:
+            raise _At(("alpha",), f"only used with kind 'scale' (kind is {self.kind!r})")
+        return self
+
+
+class EstimatorStage(_Stage):
+    """Arguments of `msa_edit.shapley.estimate` (see its docstring)."""
+
+    method: str = "auto"
+    budget: PosInt | None = None
+    seed: NonNegInt = 0
+    batch_size: PosInt = 64
+    tol: Annotated[float, Field(gt=0)] | None = None
+    topk: PosInt | None = None
+    checkpoint: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        return method
+
+
+class PlanStage(_Stage):
+    """`make_plan` settings: what to do with which target sets, under a `Budget`."""
+
+    action: Action = "remove"
+    target: tuple[str, ...] = ()
+    retain: tuple[str, ...] | None = None
+    mode: Mode = "specific"
+    per_layer: PosInt | None = None
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    min_keep_per_layer: NonNegInt = 0
+    min_z: float | None = None
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> PlanStage:
+        if self.per_layer is None and self.fraction is None:
+            raise _At(("per_layer",), "a plan needs per_layer (k per layer) or fraction (share)")
+        return self
+
+    def budget(self) -> Budget:
+        """The plan's `Budget`.
+
+        >>> PlanStage(fraction=0.25).budget().fraction
+        0.25
+        """
+        return Budget(self.per_layer, self.fraction, self.min_keep_per_layer, self.min_z)
+
+
+class HealStage(_Stage):
+    """LoRA healing after the edit (`edit.peft_export.heal_lora`)."""
+
+    steps: PosInt = 50
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    r: PosInt = 8
+    seed: NonNegInt = 0
+
+
+class EditStage(_Stage):
+    """How the plan is baked into weights."""
+
+    extra: Literal["refuse", "zero"] = "refuse"
+    heal: HealStage | None = None
+
+
+class EvaluateStage(_Stage):
+    """Before/after evaluation: per-language NLL/perplexity, optional lm-eval tasks."""
+
+    texts: dict[str, DataSource] = Field(default_factory=dict)
+    n_seq: PosInt = 24
+    seq_len: Annotated[StrictInt, Field(ge=2)] = 64
+    batch_size: PosInt = 8
+    lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_limit: PosInt | None = None
+
+
+class ExportStage(_Stage):
+    """Where the edited model goes: always `model/` in the run directory, optionally the Hub."""
+
+    push: StrictBool = False
+    repo_id: str | None = None
+    private: StrictBool = True
+
+    @model_validator(mode="after")
+    def _repo_for_push(self) -> ExportStage:
+        if self.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
+            raise _At(("repo_id",), f"must look like 'user/name' (got {self.repo_id!r})")
+        if self.push and self.repo_id is None:
+            raise _At(("repo_id",), "required when push is true")
+        return self
+
+
+class Recipe(_Stage):
+    """One run: model, units, targets and estimator are required; the rest have defaults.
+
+    Without a `plan` stage the run stops after the analysis (shapley.json).
+    """
+
+    model: ModelStage
+    units: tuple[UnitPattern, ...]
+    targets: TargetsStage
+    estimator: EstimatorStage
+    lesion: LesionStage = LesionStage()
+    plan: PlanStage | None = None
+    edit: EditStage = EditStage()
+    evaluate: EvaluateStage = EvaluateStage()
+    export: ExportStage = ExportStage()
+
+    @field_validator("units", mode="before")
+    @classmethod
+    def _units_as_list(cls, value: Any) -> Any:
+        """Accept one glob as a one-item list."""
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("units")
+    @classmethod
+    def _some_units(cls, units: tuple[str, ...]) -> tuple[str, ...]:
+        if not units:
+            raise ValueError("give at least one unit name or glob, e.g. layers.*.experts.*")
+        return units
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.lesion.kind == "reroute":
+            for i, pattern in enumerate(self.units):
+                if not _experts_only(pattern):
+                    raise _At(
+                        ("lesion", "kind"),
+                        f"'reroute' applies to experts only but units.{i} is {pattern!r}; "
+                        "use zero, mean or scale",
+                    )
+        if self.plan is not None:
+            for key in ("target", "retain"):
+                for i, name in enumerate(getattr(self.plan, key) or ()):
+                    if name not in self.targets.sets:
+                        raise _At(("plan", key, str(i)), _unknown_set(name, self.targets.sets))
+        return self
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML that `load_recipe` reads back to an equal `Recipe`."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<recipe>", base_dir: str | Path = ".") -> Recipe:
+        """Validate YAML text (see `load_recipe`; relative data paths are under `base_dir`)."""
+        return _validate(_parse(text, source), source, Path(base_dir), ())
+
+
+def _unknown_set(name: str, sets: Mapping[str, object]) -> str:
+    return f"unknown target set {name!r}; targets.sets has {', '.join(sets)}"
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override (`key.path=value`, value parsed as YAML) and validate a recipe file.
+
+    >>> recipe = load_recipe("recipes/demo.yaml", ["estimator.budget=800"])  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MsaEditError(f"recipe {path} does not exist; check the path")
+    text = path.read_text(encoding="utf-8")
+    return _validate(_parse(text, str(path)), str(path), path.parent, overrides)
+
+
+def _parse(text: str, source: str) -> dict[str, Any]:
+    """The recipe's top-level mapping."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise MsaEditError(f"{source}: not valid YAML{where} ({problem})") from None
+    if not isinstance(data, dict):
+        raise MsaEditError(
+            f"{source}: a recipe is a mapping of stages (model, units, targets, estimator, ...), "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _validate(
+    data: dict[str, Any], source: str, base_dir: Path, overrides: Sequence[str]
+) -> Recipe:
+    for override in overrides:
+        try:
+            _apply_override(data, override)
+        except MsaEditError as exc:
+            raise MsaEditError(f"{source}: {exc}") from None
+    try:
+        return Recipe.model_validate(data, context={"base_dir": str(base_dir)})
+    except ValidationError as exc:
+        raise MsaEditError(f"{source}: {_describe(exc)}") from None
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Set `key.path=value` in `data`, creating missing stages; the path must be in the schema."""
+    key, sep, raw = override.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(keys):
+        raise MsaEditError(f"--set {override!r}: write key.path=value, e.g. estimator.budget=800")
+    _schema_at(keys, f"--set {override!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise MsaEditError(f"--set {override!r}: the value is not valid YAML") from None
+    node = data
+    for i, part in enumerate(keys[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(keys[: i + 1])
+            raise MsaEditError(f"--set {override!r}: {where} is not a mapping in the recipe")
+        node = child
+    node[keys[-1]] = value
+
+
+def _unwrap(tp: Any) -> Any:
+    """The type inside `Annotated[...]` and `X | None`."""
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _schema_at(keys: Sequence[str], what: str) -> Any:
+    """The schema type at `keys` (dict fields take any key); unknown keys are errors."""
+    tp: Any = Recipe
+    for i, key in enumerate(keys):
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and key in tp.model_fields:
+            tp = tp.model_fields[key].annotation
+        elif get_origin(tp) is dict:
+            tp = get_args(tp)[1]
+        else:
+            where = ".".join(keys[:i]) or "the recipe"
+            raise MsaEditError(f"{what}: unknown key {key!r} in {where}{_expected(tp)}")
+    return tp
+
+
+def _expected(tp: Any) -> str:
+    """'; expected one of ...' for a model type, else ''."""
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return f"; expected one of {', '.join(tp.model_fields)}"
+    return ""
+
+
+def _describe(exc: ValidationError) -> str:
+    """All of a validation error's problems on one line (` | ` between), each with its key path."""
+    return " | ".join(_describe_one(err) for err in exc.errors())
+
+
+def _describe_one(err: Any) -> str:
+    loc = [str(p) for p in err["loc"]]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, _At):
+        loc += cause.path
+    path = ".".join(loc) or "recipe"
+    kind = err["type"]
+    if kind == "missing":
+        return f"{path}: missing (required)"
+    if kind in ("model_type", "dict_type"):
+        return f"{path}: must be a mapping (got {_short(err.get('input'))})"
+    if kind == "extra_forbidden":
+        parent = _schema_at(loc[:-1], path) if loc[:-1] else Recipe
+        return f"{path}: unknown key{_expected(parent)}"
+    message = str(err["msg"]).removeprefix("Value error, ").split(", unable")[0]
+    if message.startswith("Input should be "):
+        message = "must be " + message.removeprefix("Input should be ")
+    if kind != "value_error" and not isinstance(cause, _At):
+        message += f" (got {_short(err.get('input'))})"
+    return f"{path}: {message}".replace("\n", " ")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,233 @@
+"""Recipe schema: valid recipes round-trip; every malformed one is one error line naming its key."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from msa_edit import recipes
+from msa_edit.errors import MsaEditError
+from msa_edit.plan import Budget
+from msa_edit.recipes import PlanStage, Recipe, load_recipe
+
+VALID: dict[str, Any] = {
+    "model": {"id_or_path": "org/tiny-moe", "dtype": "bfloat16"},
+    "units": ["layers.*.experts.*", "layers.0.experts.3"],
+    "targets": {
+        "sets": {"en": {"path": "en.txt", "n_seq": 8, "seq_len": 32}, "ru": {"path": "org/ru"}},
+        "retain": ["en"],
+    },
+    "estimator": {"method": "antithetic", "budget": 400, "seed": 1, "tol": 0.01},
+    "lesion": {"kind": "reroute"},
+    "plan": {"target": ["ru"], "per_layer": 1, "min_keep_per_layer": 2},
+    "edit": {"heal": {"steps": 10}},
+    "evaluate": {"texts": {"en": "en.txt"}, "lm_eval_tasks": ["arc_easy"]},
+    "export": {"push": True, "repo_id": "me/tiny-moe-no-ru"},
+}
+
+
+def write(tmp_path: Path, data: object, name: str = "recipe.yaml") -> Path:
+    """A recipe file (and the local data file it names) under `tmp_path`."""
+    (tmp_path / "en.txt").write_text("hello world\n", encoding="utf-8")
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_valid_recipe_round_trips(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, VALID))
+    assert recipe.targets.sets["en"].path == str(tmp_path / "en.txt")
+    assert recipe.targets.sets["ru"].path == "org/ru"
+    assert recipe.units == ("layers.*.experts.*", "layers.0.experts.3")
+    again = load_recipe(write(tmp_path, recipe.to_yaml(), "saved.yaml"))
+    assert again == recipe
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+def test_defaults_and_minimal_recipe(tmp_path: Path) -> None:
+    minimal = {k: VALID[k] for k in ("model", "units", "targets", "estimator")}
+    recipe = load_recipe(write(tmp_path, minimal))
+    assert recipe.plan is None and recipe.lesion.kind == "reroute"
+    assert not recipe.export.push and recipe.edit.extra == "refuse"
+    assert recipe.model.bits is None and recipe.estimator.batch_size == 64
+
+
+def test_single_glob_is_a_list(tmp_path: Path) -> None:
+    data = {**VALID, "units": "layers.*.experts.*"}
+    assert load_recipe(write(tmp_path, data)).units == ("layers.*.experts.*",)
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    overrides = [
+        "estimator.budget=800",
+        "export.private=false",
+        "plan.target=[ru, en]",
+        "lesion.kind=zero",
+        "lesion.alpha=0",
+        "units=[layers.*.heads.*]",
+        "targets.sets.ru.n_seq=4",
+    ]
+    recipe = load_recipe(write(tmp_path, VALID), overrides)
+    assert recipe.estimator.budget == 800 and recipe.export.private is False
+    assert recipe.plan is not None and recipe.plan.target == ("ru", "en")
+    assert recipe.units == ("layers.*.heads.*",) and recipe.targets.sets["ru"].n_seq == 4
+
+
+def test_override_creates_missing_stage(tmp_path: Path) -> None:
+    data = {k: VALID[k] for k in ("model", "units", "targets", "estimator")}
+    recipe = load_recipe(write(tmp_path, data), ["plan.fraction=0.5", "plan.target=[ru]"])
+    assert recipe.plan == PlanStage(fraction=0.5, target=("ru",))
+
+
+def test_plan_budget() -> None:
+    assert PlanStage(per_layer=2, min_z=1.0).budget() == Budget(2, None, 0, 1.0)
+
+
+def test_quantisation_with_bitsandbytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recipes, "_bitsandbytes_available", lambda: True)
+    data = copy.deepcopy(VALID)
+    data["model"]["bits"] = 4
+    assert load_recipe(write(tmp_path, data)).model.bits == 4
+
+
+def change(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    """Set (or with `...` delete) the dotted `path` in a recipe dict."""
+
+    def apply(data: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        if value is ...:
+            del node[last]
+        else:
+            node[last] = value
+
+    return apply
+
+
+MALFORMED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("missing stage", change("estimator", ...), "estimator: missing"),
+    ("missing model id", change("model.id_or_path", ...), "model.id_or_path: missing"),
+    ("unknown stage", change("analysis", {}), "analysis: unknown key"),
+    ("unknown estimator key", change("estimator.budgt", 3), "estimator.budgt: unknown key"),
+    ("budget not a number", change("estimator.budget", "many"), "estimator.budget: must be"),
+    ("negative budget", change("estimator.budget", -5), "estimator.budget: must be greater"),
+    ("bool budget", change("estimator.budget", True), "estimator.budget: must be"),
+    ("bad method", change("estimator.method", "magic"), "estimator.method: unknown method"),
+    ("negative seed", change("estimator.seed", -1), "estimator.seed: must be"),
+    ("zero tol", change("estimator.tol", 0), "estimator.tol: must be greater"),
+    ("bad dtype", change("model.dtype", "fp8"), "model.dtype: must be 'float32'"),
+    ("bits=3", change("model.bits", 3), "model.bits: must be 4 or 8"),
+    ("unit name", change("units", ["layers.1.expert.2"]), "units.0: malformed unit name"),
+    ("unit glob", change("units", ["layers.*.experts.*", "layer.*"]), "units.1: malformed unit"),
+    ("glob segments", change("units", ["layers.*.*"]), "units.0: malformed unit glob"),
+    ("no units", change("units", []), "units: give at least one"),
+    ("units mapping", change("units", {"a": 1}), "units: must be"),
+    ("bad lesion kind", change("lesion.kind", "cut"), "lesion.kind: unknown lesion"),
+    ("reroute on heads", change("units", ["layers.*.heads.*"]), "lesion.kind: 'reroute'"),
+    ("alpha without scale", change("lesion.alpha", 0.5), "lesion.alpha: only used"),
+    ("no data file", change("targets.sets.en.path", "de.txt"), "targets.sets.en.path: data file"),
+    ("no sets", change("targets.sets", {}), "targets.sets: give at least"),
+    ("zero n_seq", change("targets.sets.en.n_seq", 0), "targets.sets.en.n_seq: must be"),
+    ("retain unknown", change("targets.retain", ["de"]), "targets.retain.0: unknown target"),
+    ("plan target unknown", change("plan.target", ["de"]), "plan.target.0: unknown target set"),
+    ("fraction > 1", change("plan.fraction", 1.5), "plan.fraction: must be less than or equal"),
+    ("plan without budget", change("plan.per_layer", ...), "plan.per_layer: a plan needs"),
+    ("bad action", change("plan.action", "delete"), "plan.action: must be 'remove'"),
+    ("bad mode", change("plan.mode", "fast"), "plan.mode: must be"),
+    ("heal steps", change("edit.heal.steps", "ten"), "edit.heal.steps: must be"),
+    ("eval data", change("evaluate.texts", {"fr": "./fr.txt"}), "evaluate.texts.fr: data file"),
+    ("push no repo", change("export.repo_id", ...), "export.repo_id: required when push"),
+    ("bad repo id", change("export.repo_id", "a b"), "export.repo_id: must look like"),
+    ("push not bool", change("export.push", "yes please"), "export.push: must be"),
+    ("stage not mapping", change("estimator", [1, 2]), "estimator: must be a mapping"),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
+def test_malformed_recipe_is_one_line_naming_the_key(
+    tmp_path: Path, mutate: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    data = copy.deepcopy(VALID)
+    mutate(data)
+    path = write(tmp_path, data)
+    with pytest.raises(MsaEditError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+    assert " | " not in message  # exactly one problem reported
+
+
+def test_quantisation_without_bitsandbytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recipes, "_bitsandbytes_available", lambda: False)
+    data = copy.deepcopy(VALID)
+    data["model"]["bits"] = 8
+    with pytest.raises(MsaEditError, match=r"model\.bits: .*pip install msa-edit\[quant\]$"):
+        load_recipe(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- a\n- b\n", "a recipe is a mapping of stages"),
+        ("just words", "a recipe is a mapping of stages"),
+        ("", "a recipe is a mapping of stages"),
+        ("model: [unclosed\n", "not valid YAML at line"),
+    ],
+)
+def test_bad_yaml_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(MsaEditError) as info:
+        load_recipe(write(tmp_path, text))
+    assert "\n" not in str(info.value) and expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("estimator.budget", "write key.path=value"),
+        ("=3", "write key.path=value"),
+        ("estimator.budgt=3", "unknown key 'budgt' in estimator; expected one of method"),
+        ("nosuchstage.x=1", "unknown key 'nosuchstage' in the recipe"),
+        ("estimator.budget.x=1", "unknown key 'x' in estimator.budget"),
+        ("units.x=1", "unknown key 'x' in units"),
+        ("estimator.budget=[1", "the value is not valid YAML"),
+        ("estimator.budget=-3", "estimator.budget: must be greater than 0 (got -3)"),
+    ],
+)
+def test_bad_override_is_one_line(tmp_path: Path, override: str, expected: str) -> None:
+    with pytest.raises(MsaEditError) as info:
+        load_recipe(write(tmp_path, VALID), [override])
+    assert "\n" not in str(info.value) and expected in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(MsaEditError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_several_problems_share_one_line(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    data["model"]["dtype"] = "fp8"
+    data["estimator"]["budget"] = 0
+    with pytest.raises(MsaEditError) as info:
+        load_recipe(write(tmp_path, data))
+    message = str(info.value)
+    assert "\n" not in message and "model.dtype" in message and " | estimator.budget" in message
+
+
+def test_unit_glob_syntax() -> None:
+    for good in ["layers.*", "layers.1?", "layers.*.heads.*", "layers.*.mlp.neurons.*", "*.*"]:
+        assert recipes._check_unit_pattern(good) == good
+    for bad in ["layers.*.experts", "layers.a*.experts.*", "layers.*.mlp.*", "*"]:
+        with pytest.raises(ValueError, match="malformed unit"):
+            recipes._check_unit_pattern(bad)
