@@ -1,7 +1,17 @@
 """The `msa-edit` command line.
 
-    msa-edit example [--players 10] [--budget 200] [--method auto] [--seed 0]
+    msa-edit demo --out DIR [--set key=value ...]
+    msa-edit run RECIPE.yaml --out DIR [--set key=value ...]
+    msa-edit validate RECIPE.yaml [--set key=value ...]
+    msa-edit {analyze,plan,edit,evaluate,export} RECIPE.yaml --out DIR [--set key=value ...]
     msa-edit tiny-moe --text LANG=FILE [--text LANG=FILE ...] --out DIR [--steps N] [--seed N]
+    msa-edit example [--players 10] [--budget 200] [--method auto] [--seed 0]
+
+`run` carries out a recipe end to end into a run directory (shapley.json, plan.json, eval.json,
+model/, report.md); `demo` runs the bundled demo recipe (a tiny multilingual Mixtral, its
+Russian experts removed). The stage commands run one stage each from the run directory's files,
+so an analysis can be resumed and a plan edited by hand before `edit`. `validate` checks a recipe
+without loading a model.
 
 `example` estimates the Shapley values of a small trained MLP's hidden units (lesion = unit output
 zeroed, value = mean log-likelihood of the true class) within a budget and checks them against exact
@@ -22,6 +32,7 @@ from pathlib import Path
 import torch
 
 from msa_edit.errors import MsaEditError
+from msa_edit.recipes import Recipe, load_recipe, runner
 from msa_edit.shapley import METHODS, estimate
 from msa_edit.shapley.exact import EXACT_MAX_PLAYERS
 from msa_edit.shapley.toys import mlp_game
@@ -37,6 +48,17 @@ from msa_edit.tiny_moe import (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msa-edit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="the bundled demo: remove a tiny multilingual MoE's Russian experts"
+    )
+    _run_arguments(demo, recipe=False)
+    run = commands.add_parser("run", help="carry out a recipe end to end into a run directory")
+    _run_arguments(run)
+    validate = commands.add_parser("validate", help="check a recipe without loading a model")
+    validate.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    _set_argument(validate)
+    for stage, text in STAGES.items():
+        _run_arguments(commands.add_parser(stage, help=text))
     example = commands.add_parser(
         "example", help="Shapley values of a small MLP's hidden units, checked against exact"
     )
@@ -58,6 +80,75 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tiny.add_argument("--seed", type=int, default=0)
     return parser
+
+
+DEMO_RECIPE = Path(__file__).parent / "data" / "recipes" / "demo.yaml"
+STAGES = {
+    "analyze": "Shapley modes of the recipe's units -> shapley.json (resumes a killed run)",
+    "plan": "choose units from shapley.json -> plan.json",
+    "edit": "apply plan.json to the base model -> model/, edit.json",
+    "evaluate": "base vs model/ on the recipe's metrics -> eval.json",
+    "export": "model card with eval.json, optional Hub push, report.md",
+}
+
+
+def _set_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+        help="override a recipe field, e.g. --set estimator.budget=800 (repeatable)",
+    )  # fmt: skip
+
+
+def _run_arguments(parser: argparse.ArgumentParser, recipe: bool = True) -> None:
+    if recipe:
+        parser.add_argument("recipe", metavar="RECIPE", help="recipe YAML file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    _set_argument(parser)
+
+
+def _quiet_libraries() -> None:
+    """Turn off transformers' and datasets' own progress bars and info logs; ours stay."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def run_recipe(command: str, recipe: Recipe, out: Path) -> Path | None:
+    """Run a whole recipe (`run`) or one stage of it against the run directory `out`."""
+    _quiet_libraries()
+    if command == "run":
+        return runner.run(recipe, out)
+    if command == "analyze":
+        loaded = runner.load_model(recipe.model)
+        runner.load_targets(recipe, loaded.tokenizer)
+        runner.prepare(recipe, out)
+        runner.analyze(recipe, out, loaded)
+        return out / runner.SHAPLEY_JSON
+    if not out.is_dir():
+        raise MsaEditError(f"run directory {out} does not exist; start with `msa-edit analyze`")
+    stages = {
+        "plan": runner.plan,
+        "edit": runner.edit,
+        "evaluate": runner.evaluate,
+        "export": runner.export,
+    }
+    stages[command](recipe, out)
+    return None
+
+
+def run_validate(path: str, overrides: Sequence[str]) -> None:
+    """Print a one-paragraph summary of a valid recipe."""
+    recipe = load_recipe(path, overrides)
+    stages = [s for s in ("plan", "edit", "evaluate", "export") if getattr(recipe, s) is not None]
+    print(
+        f"{path}: valid; model {recipe.model.name}, units {', '.join(recipe.units)}, "
+        f"targets {', '.join(recipe.targets.sets)}, estimator {recipe.estimator.method} "
+        f"(budget {recipe.estimator.budget or 'default'}), stages {', '.join(stages)}"
+    )
 
 
 def run_tiny_moe(texts: Sequence[str], out: str, steps: int | None, seed: int) -> Path:
@@ -108,7 +199,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `msa-edit`; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "example":
+        if args.command in ("run", "demo", *STAGES):
+            path = DEMO_RECIPE if args.command == "demo" else args.recipe
+            recipe = load_recipe(path, args.overrides)
+            start = time.perf_counter()
+            result = run_recipe("run" if args.command == "demo" else args.command,
+                                recipe, Path(args.out))  # fmt: skip
+            where = result or Path(args.out)
+            print(
+                f"msa-edit {args.command}: done in {time.perf_counter() - start:.0f} s -> {where}"
+            )
+        elif args.command == "validate":
+            run_validate(args.recipe, args.overrides)
+        elif args.command == "example":
             run_example(args.players, args.budget, args.method, args.seed)
         elif args.command == "tiny-moe":
             run_tiny_moe(args.text, args.out, args.steps, args.seed)

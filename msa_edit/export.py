@@ -135,6 +135,25 @@ def export_model(
     return out
 
 
+def update_card(out_dir: str | os.PathLike[str], card: CardInfo | Mapping[str, Any]) -> Path:
+    """Rewrite an exported model's card (README.md and msa_edit.json) atomically, weights untouched.
+
+    >>> # update_card("run/model", {"base_model": "org/m", "metrics": {"before": {}, "after": {}}})
+    """
+    out = Path(out_dir)
+    if not (out / "config.json").is_file():
+        raise MsaEditError(f"{out} is not an exported model (no config.json); export it first")
+    info = _as_card(card)
+    for name, text in (
+        (CARD_NAME, render_card(info, title=out.name)),
+        (INFO_NAME, json.dumps(info.to_json(), indent=2) + "\n"),
+    ):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+    return out / CARD_NAME
+
+
 def _as_card(card: CardInfo | Mapping[str, Any] | None) -> CardInfo:
     """Normalise the ``card`` argument to a ``CardInfo``."""
     if card is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -13,7 +15,13 @@ from transformers import (
     Qwen2MoeConfig,
 )
 
+import msa_edit
+
 VOCAB = 96
+UD_TEXT = Path(msa_edit.__file__).parent / "data" / "ud-text"
+"""The bundled multilingual text (CC BY-SA 4.0, see SOURCES.md there)."""
+LANGS = ("en", "ru", "zh")
+"""Languages the tiny test Mixtral of `tests/recipes` is trained on."""
 
 
 def tiny_config(model_type: str):

@@ -1,15 +1,104 @@
-"""Plots people look at instead of reading tables: expert Shapley modes as layer x expert maps."""
+"""Plots people look at instead of reading tables: Shapley modes as layer x unit maps, a ranking
+with error bars, before/after metric bars and estimator convergence, each saved as a PNG.
+
+The figure functions take plain numbers (no run-directory knowledge; `report.py` reads the files)
+and write atomically (temp file, then rename) with the `Agg` backend, closing every figure.
+"""
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from msa_edit.errors import MsaEditError
-from msa_edit.units import Unit
+from msa_edit.units import Kind, Unit
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+AXIS_LABEL: dict[Kind, str] = {
+    "experts": "expert",
+    "heads": "head",
+    "neurons": "neuron",
+    "layer": "",
+}
+"""The x-axis of each kind's grid; whole layers are one column."""
+
+
+def _pyplot() -> Any:
+    """`matplotlib.pyplot` on the non-interactive `Agg` backend (imported lazily)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    """Plain numbers (0.02, 30) instead of 2x10^-2 on a log axis spanning about a decade or less."""
+    from matplotlib.ticker import FuncFormatter
+
+    lo, hi = sorted(abs(v) for v in axis.get_view_interval())
+    if lo > 0 and hi / lo <= 12:
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(plain)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Save `fig` as a PNG at `path` atomically (temp file in the same folder, then rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        _pyplot().close(fig)
+    return out
+
+
+def unit_grid(
+    values: torch.Tensor, units: Sequence[Unit], kind: Kind | None = None
+) -> torch.Tensor:
+    """Values `[n_units, T]` of the units of one kind as a grid `[T, n_layers, n_index]`.
+
+    Cell `[t, L, i]` holds unit `layers.L.<kind>.i`'s value for target t (NaN = no such unit);
+    whole layers (`layers.L`) fill one column. Units of other kinds are skipped; `kind=None`
+    takes the only kind present.
+
+    >>> units = [Unit(1, "heads", 2), Unit(0, "experts", 1), Unit(0, "heads", 0)]
+    >>> g = unit_grid(torch.tensor([[1.0], [2.0], [3.0]]), units, "heads")
+    >>> g.shape, g[0, 1, 2].item(), g[0, 0, 0].item()
+    (torch.Size([1, 2, 3]), 1.0, 3.0)
+    """
+    kinds = sorted({u.kind for u in units})
+    if kind is None:
+        if len(kinds) != 1:
+            raise MsaEditError(f"units of kinds {kinds} are mixed; pass kind= to pick one")
+        kind = units[0].kind
+    values = values.reshape(len(units), -1)
+    rows = [row for row, unit in enumerate(units) if unit.kind == kind]
+    if not rows:
+        raise MsaEditError(f"no {kind} units among {len(units)}; pick one of {kinds}")
+    layers = max(units[r].layer for r in rows) + 1
+    width = 1 if kind == "layer" else max(units[r].index for r in rows) + 1
+    grid = torch.full((values.shape[1], layers, width), math.nan, dtype=torch.float64)
+    for row in rows:
+        unit = units[row]
+        grid[:, unit.layer, max(unit.index, 0)] = values[row].double()
+    return grid
 
 
 def expert_grid(values: torch.Tensor, units: Sequence[Unit]) -> torch.Tensor:
@@ -22,13 +111,84 @@ def expert_grid(values: torch.Tensor, units: Sequence[Unit]) -> torch.Tensor:
     """
     if any(u.kind != "experts" for u in units):
         raise MsaEditError("expert_grid takes expert units only (layers.L.experts.E)")
-    values = values.reshape(len(units), -1)
-    layers = max(u.layer for u in units) + 1
-    experts = max(u.index for u in units) + 1
-    grid = torch.full((values.shape[1], layers, experts), float("nan"), dtype=torch.float64)
-    for row, unit in enumerate(units):
-        grid[:, unit.layer, unit.index] = values[row].double()
-    return grid
+    return unit_grid(values, units, "experts")
+
+
+def _mark(ax: Any, cells: Sequence[tuple[int, int]], width: int) -> None:
+    """Outline chosen cells (row = layer, column = index): boxes on small grids, x on large."""
+    from matplotlib.patches import Rectangle
+
+    for layer, index in cells:
+        if width <= 64:
+            ax.add_patch(
+                Rectangle(
+                    (index - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.6
+                )
+            )
+        else:
+            ax.plot([index], [layer], marker="x", color="black", markersize=5)
+
+
+def unit_heatmaps(
+    values: torch.Tensor,
+    units: Sequence[Unit],
+    target_names: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    kind: Kind | None = None,
+    title: str | None = None,
+    label: str = "contribution",
+    marked: Collection[Unit] = (),
+) -> Path:
+    """One layers x index heat-map per target, side by side, for one unit kind, as a PNG.
+
+    Colours share one symmetric diverging scale across targets so the maps compare directly
+    (blue = negative, red = positive, grey = no such unit); `marked` units get a black box.
+    """
+    plt = _pyplot()
+    grid = unit_grid(values, units, kind)
+    kind = kind or units[0].kind
+    if grid.shape[0] != len(target_names):
+        raise MsaEditError(f"{grid.shape[0]} targets in the values but {len(target_names)} names")
+    finite = grid[torch.isfinite(grid)]
+    limit = (float(finite.abs().max()) if finite.numel() else 0.0) or 1.0
+    n_layers, width = grid.shape[1], grid.shape[2]
+    cells = sorted((u.layer, max(u.index, 0)) for u in set(marked) if u.kind == kind)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
+    cols = len(target_names)
+    panel_w = min(max(0.28 * width + 0.8, 1.4), 4.5)
+    fig, axes = plt.subplots(
+        1,
+        cols,
+        figsize=(panel_w * cols + 1.4, min(0.4 * n_layers + 1.6, 9)),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    image = None
+    for t, ax in enumerate(axes[0]):
+        image = ax.imshow(
+            grid[t].numpy(),
+            cmap=cmap,
+            vmin=-limit,
+            vmax=limit,
+            aspect="auto",
+            interpolation="nearest",
+        )
+        _mark(ax, cells, width)
+        ax.set_title(target_names[t])
+        ax.set_xlabel(AXIS_LABEL[kind])
+        if width == 1:
+            ax.set_xticks([])
+        elif width <= 32:
+            ax.set_xticks(range(width))
+        if n_layers <= 32:
+            ax.set_yticks(range(n_layers))
+        if t == 0:
+            ax.set_ylabel("layer")
+    assert image is not None
+    fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9)
+    fig.suptitle(title or f"Shapley value of each {AXIS_LABEL[kind] or 'layer'}")
+    return save_figure(fig, path)
 
 
 def expert_heatmaps(
@@ -39,39 +199,142 @@ def expert_heatmaps(
     *,
     title: str = "Shapley value of each expert",
     label: str = "contribution",
+    marked: Collection[Unit] = (),
 ) -> Path:
     """One layers x experts heat-map per target (e.g. per language), side by side, as a PNG.
 
     Colours share one symmetric scale across targets so maps compare directly.
     """
-    import matplotlib
+    if any(u.kind != "experts" for u in units):
+        raise MsaEditError("expert_heatmaps takes expert units only (layers.L.experts.E)")
+    return unit_heatmaps(
+        values, units, target_names, path, kind="experts", title=title, label=label, marked=marked
+    )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    grid = expert_grid(values, units)
-    if grid.shape[0] != len(target_names):
-        raise MsaEditError(f"{grid.shape[0]} targets in the values but {len(target_names)} names")
-    limit = float(torch.nan_to_num(grid).abs().max()) or 1.0
-    cols = len(target_names)
-    fig, axes = plt.subplots(1, cols, figsize=(2.2 * cols + 1.2, 0.45 * grid.shape[1] + 1.6),
-                             squeeze=False, constrained_layout=True)  # fmt: skip
-    image = None
-    for t, ax in enumerate(axes[0]):
-        image = ax.imshow(grid[t].numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-        ax.set_title(target_names[t])
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(grid.shape[2]))
-        ax.set_yticks(range(grid.shape[1]))
-        if t == 0:
-            ax.set_ylabel("layer")
-    assert image is not None
-    fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9)
-    fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+def ranking_plot(
+    names: Sequence[str],
+    scores: Sequence[float],
+    errors: Sequence[float],
+    chosen: Collection[str],
+    path: str | os.PathLike[str],
+    *,
+    title: str,
+    xlabel: str,
+) -> Path:
+    """Horizontal bars of `scores` (first name on top) with ±`errors` bars; `chosen` in red.
+
+    A non-finite error gets no bar; an infinite one also gets "±∞" after its name.
+    """
+    plt = _pyplot()
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(7.5, 0.3 * n + 1.6), constrained_layout=True)
+    ys = list(range(n))[::-1]
+    colours = ["tab:red" if name in chosen else "tab:grey" for name in names]
+    finite = [e if math.isfinite(e) else 0.0 for e in errors]
+    ax.barh(ys, scores, xerr=finite, color=colours, capsize=2, error_kw={"elinewidth": 1})
+    labels = [
+        f"{name} ±∞" if math.isinf(e) else name for name, e in zip(names, errors, strict=True)
+    ]
+    ax.set_yticks(ys, labels)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    if chosen:
+        from matplotlib.patches import Patch
+
+        ax.legend(
+            handles=[
+                Patch(color="tab:red", label="chosen by the plan"),
+                Patch(color="tab:grey", label="not chosen"),
+            ],
+            loc="lower right",
+        )
+    return save_figure(fig, path)
+
+
+def before_after_plot(
+    panels: Sequence[tuple[str, Sequence[str], bool]],
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    path: str | os.PathLike[str],
+) -> Path:
+    """Grouped before/after bars per metric, one panel per `(title, metrics, log_scale)`.
+
+    A metric missing on one side gets no bar on that side.
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        squeeze=False,
+        constrained_layout=True,
+        figsize=(max(3.0, 0.9 * max(len(m) for _, m, _ in panels) + 1.5) * len(panels), 3.8),
+    )
+    for ax, (name, metrics, log) in zip(axes[0], panels, strict=True):
+        xs = range(len(metrics))
+        for side, values, shift, colour in (
+            ("before", before, -0.2, "tab:blue"),
+            ("after", after, 0.2, "tab:orange"),
+        ):
+            heights = [values.get(m, math.nan) for m in metrics]
+            bars = ax.bar([x + shift for x in xs], heights, width=0.4, label=side, color=colour)
+            ax.bar_label(bars, fmt="%.4g", fontsize=7)
+        ax.set_xticks(list(xs), list(metrics), rotation=30, ha="right")
+        ax.set_xlim(-0.8, len(metrics) - 0.2)
+        ax.margins(y=0.12)
+        if log:
+            ax.set_yscale("log")
+            _plain_log_ticks(ax.yaxis)
+        ax.set_title(name)
+    axes[0][0].legend(fontsize="small", loc="lower left")
+    return save_figure(fig, path)
+
+
+def convergence_plot(
+    n_evaluations: Sequence[int],
+    max_stderr: Sequence[float],
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike[str],
+    *,
+    target: str,
+) -> Path:
+    """Left: the largest finite stderr vs evaluations (log-log). Right: each curve's value
+    vs evaluations with a ±1.96·stderr band (`curves[name] = (values, stderrs)` per point).
+    """
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    shown = [
+        (n, s) for n, s in zip(n_evaluations, max_stderr, strict=True) if math.isfinite(s) and s > 0
+    ]
+    if shown:
+        left.plot([n for n, _ in shown], [s for _, s in shown], marker="o")
+        left.set_xscale("log")
+        left.set_yscale("log")
+        _plain_log_ticks(left.xaxis)
+        _plain_log_ticks(left.yaxis)
+    else:
+        left.text(0.5, 0.5, "no finite stderr yet", ha="center", transform=left.transAxes)
+    left.set_xlabel("coalitions evaluated")
+    left.set_ylabel("largest stderr")
+    left.set_title("Estimator stderr")
+    for name, (values, errors) in curves.items():
+        (line,) = right.plot(n_evaluations, values, marker=".", label=name)
+        lo = [
+            v - 1.96 * e if math.isfinite(e) else math.nan
+            for v, e in zip(values, errors, strict=True)
+        ]
+        hi = [
+            v + 1.96 * e if math.isfinite(e) else math.nan
+            for v, e in zip(values, errors, strict=True)
+        ]
+        right.fill_between(n_evaluations, lo, hi, color=line.get_color(), alpha=0.2)
+    right.set_xscale("log")
+    _plain_log_ticks(right.xaxis)
+    right.axhline(0.0, color="black", linewidth=0.8)
+    right.set_xlabel("coalitions evaluated")
+    right.set_ylabel(f"Shapley value ({target})")
+    right.set_title(f"Top units for {target}")
+    if curves:
+        right.legend(fontsize="small")
+    return save_figure(fig, path)

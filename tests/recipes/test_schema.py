@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import yaml
 
-from msa_edit import recipes
 from msa_edit.errors import MsaEditError
 from msa_edit.plan import Budget
 from msa_edit.recipes import PlanStage, Recipe, load_recipe
+from msa_edit.recipes import schema as recipes
 
 VALID: dict[str, Any] = {
-    "model": {"id_or_path": "org/tiny-moe", "dtype": "bfloat16"},
+    "model": {"path": "org/tiny-moe", "dtype": "bfloat16"},
     "units": ["layers.*.experts.*", "layers.0.experts.3"],
     "targets": {
         "sets": {"en": {"path": "en.txt", "n_seq": 8, "seq_len": 32}, "ru": {"path": "org/ru"}},
@@ -85,7 +85,7 @@ def test_override_creates_missing_stage(tmp_path: Path) -> None:
 
 
 def test_plan_budget() -> None:
-    assert PlanStage(per_layer=2, min_z=1.0).budget() == Budget(2, None, 0, 1.0)
+    assert PlanStage(per_layer=2, min_z=1.0, target=("ru",)).budget() == Budget(2, None, 0, 1.0)
 
 
 def test_quantisation_with_bitsandbytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +113,7 @@ def change(path: str, value: object) -> Callable[[dict[str, Any]], None]:
 
 MALFORMED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("missing stage", change("estimator", ...), "estimator: missing"),
-    ("missing model id", change("model.id_or_path", ...), "model.id_or_path: missing"),
+    ("missing model id", change("model.path", ...), "model.path: give exactly one of"),
     ("unknown stage", change("analysis", {}), "analysis: unknown key"),
     ("unknown estimator key", change("estimator.budgt", 3), "estimator.budgt: unknown key"),
     ("budget not a number", change("estimator.budget", "many"), "estimator.budget: must be"),

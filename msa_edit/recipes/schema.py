@@ -5,7 +5,7 @@ The pydantic models below are both the Python API and the YAML schema (unknown k
 problem is one `MsaEditError` line naming the file and the key path. Local data paths are
 resolved against the recipe's folder and must exist; anything that looks like a Hub id is kept.
 
->>> r = Recipe(model={"id_or_path": "org/model"}, units=["layers.*.experts.*"],
+>>> r = Recipe(model={"path": "org/model"}, units=["layers.*.experts.*"],
 ...            targets={"sets": {"en": {"path": "org/english"}}}, estimator={"budget": 400})
 >>> r.estimator.method, r.lesion.kind, r.plan is None
 ('auto', 'reroute', True)
@@ -55,6 +55,7 @@ __all__ = [
     "Recipe",
     "TargetSet",
     "TargetsStage",
+    "TinyMoeStage",
     "load_recipe",
 ]
 
@@ -132,6 +133,15 @@ def _check_data_source(source: str, info: ValidationInfo) -> str:
     return source
 
 
+def _check_local_file(source: str, info: ValidationInfo) -> str:
+    """A local file resolved against the recipe's folder; it must exist."""
+    base = Path((info.context or {}).get("base_dir", "."))
+    path = (base / Path(source).expanduser()).resolve()
+    if not path.is_file():
+        raise ValueError(f"file {path} does not exist; fix the path")
+    return str(path)
+
+
 def _experts_only(pattern: str) -> bool:
     """Whether a unit name or glob can only name experts."""
     parts = pattern.split(".")
@@ -146,6 +156,7 @@ PosInt = Annotated[StrictInt, Field(gt=0)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
 UnitPattern = Annotated[str, AfterValidator(_check_unit_pattern)]
 DataSource = Annotated[str, AfterValidator(_check_data_source)]
+LocalFile = Annotated[str, AfterValidator(_check_local_file)]
 
 
 class _Stage(BaseModel):
@@ -154,10 +165,26 @@ class _Stage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelStage(_Stage):
-    """The model to analyse: a local folder or Hub id, its dtype, optional 4/8-bit loading."""
+class TinyMoeStage(_Stage):
+    """Build (or reuse from the cache) a tiny Mixtral trained on text files, one per language."""
 
-    id_or_path: str = Field(min_length=1)
+    texts: dict[str, LocalFile]
+    steps: PosInt | None = None
+    seed: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _some_texts(self) -> TinyMoeStage:
+        if not self.texts:
+            raise _At(("texts",), "give at least one language file, e.g. en: en.txt")
+        return self
+
+
+class ModelStage(_Stage):
+    """The model to analyse: a local folder or Hub id (or a tiny MoE built from text), its dtype,
+    optional 4/8-bit loading and accelerate device map."""
+
+    path: str | None = Field(default=None, min_length=1)
+    tiny_moe: TinyMoeStage | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     bits: Literal[4, 8] | None = None
     device_map: str | None = None
@@ -171,6 +198,21 @@ class ModelStage(_Stage):
                 "pip install msa-edit[quant]"
             )
         return bits
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelStage:
+        if (self.path is None) == (self.tiny_moe is None):
+            raise _At(
+                ("path",),
+                "give exactly one of path (a model folder or Hub id) "
+                "or tiny_moe (texts to train on)",
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        """The model's path or Hub id, or 'tiny-moe' for a built one."""
+        return self.path if self.path is not None else "tiny-moe"
 
 
 class TargetSet(_Stage):
@@ -228,9 +270,11 @@ class EstimatorStage(_Stage):
     budget: PosInt | None = None
     seed: NonNegInt = 0
     batch_size: PosInt = 64
+    rows_per_forward: PosInt = 64
     tol: Annotated[float, Field(gt=0)] | None = None
     topk: PosInt | None = None
     checkpoint: str | None = None
+    checkpoint_every: Annotated[float, Field(ge=0)] = 30.0
 
     @field_validator("method")
     @classmethod
@@ -251,17 +295,22 @@ class PlanStage(_Stage):
     fraction: Annotated[float, Field(gt=0, le=1)] | None = None
     min_keep_per_layer: NonNegInt = 0
     min_z: float | None = None
+    alpha: float | None = None
 
     @model_validator(mode="after")
     def _has_budget(self) -> PlanStage:
         if self.per_layer is None and self.fraction is None:
             raise _At(("per_layer",), "a plan needs per_layer (k per layer) or fraction (share)")
+        if self.mode == "specific" and not self.target:
+            raise _At(("target",), "mode 'specific' needs target sets, e.g. target: [ru]")
+        if (self.action == "scale") != (self.alpha is not None):
+            raise _At(("alpha",), "give alpha (the factor) exactly when action is 'scale'")
         return self
 
     def budget(self) -> Budget:
         """The plan's `Budget`.
 
-        >>> PlanStage(fraction=0.25).budget().fraction
+        >>> PlanStage(fraction=0.25, mode="least_useful").budget().fraction
         0.25
         """
         return Budget(self.per_layer, self.fraction, self.min_keep_per_layer, self.min_z)
@@ -290,8 +339,23 @@ class EvaluateStage(_Stage):
     n_seq: PosInt = 24
     seq_len: Annotated[StrictInt, Field(ge=2)] = 64
     batch_size: PosInt = 8
+    heldout: StrictBool = False
     lm_eval_tasks: tuple[str, ...] = ()
+    lm_eval_include: str | None = None
     lm_eval_limit: PosInt | None = None
+    lm_eval_fewshot: NonNegInt | None = None
+
+    @field_validator("lm_eval_include")
+    @classmethod
+    def _include_folder(cls, folder: str | None, info: ValidationInfo) -> str | None:
+        if folder is None:
+            return None
+        path = (
+            Path((info.context or {}).get("base_dir", ".")) / Path(folder).expanduser()
+        ).resolve()
+        if not path.is_dir():
+            raise ValueError(f"folder {path} does not exist; it should hold lm-eval task YAMLs")
+        return str(path)
 
 
 class ExportStage(_Stage):
@@ -341,6 +405,8 @@ class Recipe(_Stage):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if self.evaluate.heldout and self.model.tiny_moe is None:
+            raise _At(("evaluate", "heldout"), "held-out text exists only for a model.tiny_moe")
         if self.lesion.kind == "reroute":
             for i, pattern in enumerate(self.units):
                 if not _experts_only(pattern):
@@ -379,7 +445,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if not path.is_file():
         raise MsaEditError(f"recipe {path} does not exist; check the path")
     text = path.read_text(encoding="utf-8")
-    return _validate(_parse(text, str(path)), str(path), path.parent, overrides)
+    return _validate(_parse(text, str(path)), str(path), path.resolve().parent, overrides)
 
 
 def _parse(text: str, source: str) -> dict[str, Any]:

@@ -1,0 +1,524 @@
+"""Carry out a recipe stage by stage, reading and writing the run directory of DESIGN.md.
+
+    analyze  -> shapley.json (+ shapley.safetensors for tensor modes), resumable via shapley.ckpt
+    plan     -> plan.json (from shapley.json; may be edited by hand before `edit`)
+    edit     -> model/ (plan applied, exported) and edit.json
+    evaluate -> eval.json (before = base model, after = edited model)
+    export   -> model card with the metrics, optional push to the Hub, report.md with its plots
+
+`run` does all of them in one process, keeping the model loaded. Every file is written atomically
+(temp file, then rename), and nothing is written before the recipe, the model, its units and the
+target data have all been checked, so a bad recipe leaves no trace in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from msa_edit.edit import EditRecord, apply_plan
+from msa_edit.errors import MsaEditError
+from msa_edit.evaluate.language import language_nll, read_eval_json, write_eval_json
+from msa_edit.export import CardInfo, export_model, push_to_hub, update_card
+from msa_edit.games import LesionGame, MeanNLL, Objective, PositionNLL, Targets, text_blocks
+from msa_edit.lesions import unit_means
+from msa_edit.plan import Plan, make_plan
+from msa_edit.quantize import load_quantized
+from msa_edit.recipes.schema import ModelStage, Recipe
+from msa_edit.shapley import ShapleyResult, estimate
+from msa_edit.tiny_moe import HELDOUT_DIR, build_tiny_moe
+from msa_edit.units import Unit, select
+
+log = logging.getLogger(__name__)
+
+SHAPLEY_JSON = "shapley.json"
+SHAPLEY_TENSOR = "shapley.safetensors"
+CHECKPOINT = "shapley.ckpt"
+GAME_KEY = "shapley.game.json"
+PLAN_JSON = "plan.json"
+EDIT_JSON = "edit.json"
+EVAL_JSON = "eval.json"
+MODEL_DIR = "model"
+RECIPE_YAML = "recipe.yaml"
+REPORT_MD = "report.md"
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Loaded:
+    """A loaded model with its tokenizer, the folder it came from and its base-model name."""
+
+    model: PreTrainedModel
+    tokenizer: Any
+    folder: str
+    name: str
+
+
+def load_model(stage: ModelStage, *, quantized: bool = True) -> Loaded:
+    """Load (building first, for `tiny_moe`) the recipe's model; 4/8-bit when asked and `quantized`.
+
+    >>> # loaded = load_model(load_recipe("recipes/demo.yaml").model)
+    """
+    if stage.tiny_moe is not None:
+        spec = stage.tiny_moe
+        folder = str(build_tiny_moe(spec.texts, steps=spec.steps, seed=spec.seed))
+    else:
+        assert stage.path is not None
+        folder = stage.path
+    return _load(folder, stage, stage.bits if quantized else None, name=stage.name)
+
+
+def _load(folder: str, stage: ModelStage, bits: int | None, name: str) -> Loaded:
+    dtype = getattr(torch, stage.dtype)
+    local = Path(folder).expanduser()
+    if folder.startswith(("/", ".", "~")) and not local.is_dir():
+        raise MsaEditError(f"model folder {local} does not exist; fix model.path")
+    try:
+        if bits is not None:
+            device = None if stage.device_map in (None, "auto") else stage.device_map
+            model = load_quantized(folder, bits, dtype=dtype, device=device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, device_map=stage.device_map
+            )
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except MsaEditError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        reason = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise MsaEditError(
+            f"cannot load model {folder!r} ({reason}); give a local model folder with "
+            "config.json, weights and tokenizer, or a Hub id you can reach"
+        ) from None
+    model.eval()
+    return Loaded(model, tokenizer, folder, name)
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    return _write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _read_json(path: Path, made_by: str) -> Any:
+    if not path.is_file():
+        raise MsaEditError(f"{path} does not exist; run `msa-edit {made_by}` first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MsaEditError(
+            f"{path} is not valid JSON (line {exc.lineno}); fix or remake it"
+        ) from None
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _rows(t: torch.Tensor) -> list[list[float | None]]:
+    """A `[n, T]` tensor as nested lists, non-finite numbers as null (strict JSON)."""
+    return [[_finite(float(x)) for x in row] for row in t.double().tolist()]
+
+
+def per_target(modes: torch.Tensor, targets: Targets, objective: str) -> torch.Tensor:
+    """Modes `[n, *shape]` as one number per target set `[n, T]` (position modes: their mean).
+
+    >>> t = Targets.from_dict({"a": torch.zeros(1, 3, dtype=torch.long),
+    ...                        "b": torch.zeros(2, 3, dtype=torch.long)})
+    >>> per_target(torch.tensor([[[1.0, 3.0], [0.0, 0.0], [4.0, 4.0]]]), t, "position_nll")
+    tensor([[2., 2.]], dtype=torch.float64)
+    """
+    if objective == "mean_nll":
+        return modes.double().reshape(modes.shape[0], -1)
+    groups = [targets.group == t for t in range(len(targets.names))]
+    return torch.stack([modes[:, g].double().mean((1, 2)) for g in groups], 1)
+
+
+def shapley_record(
+    result: ShapleyResult, units: list[Unit], targets: Targets, recipe: Recipe
+) -> dict[str, Any]:
+    """The shapley.json contract: `values[i][t]` is unit i's contribution to target t.
+
+    For position modes the per-target value is the mean over the set's tokens and its stderr
+    the mean of the per-token stderr (an upper bound on the mean's standard error).
+    """
+    objective = recipe.targets.objective
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return per_target(t, targets, objective)
+
+    one = result.v_full.unsqueeze(0)
+    trace = [
+        {"n_evaluations": p.n_evaluations, "values": _rows(reduce(p.values)),
+         "stderr": _rows(reduce(p.stderr))}
+        for p in result.trace
+        if p.values.shape == result.values.shape
+    ]  # fmt: skip
+    return {
+        "units": [str(u) for u in units],
+        "targets": list(targets.names),
+        "values": _rows(reduce(result.values)),
+        "stderr": _rows(reduce(result.stderr)),
+        "n_evaluations": result.n_evaluations,
+        "method": result.method,
+        "seed": result.seed,
+        "budget": result.budget,
+        "stopped": result.stopped,
+        "v_full": _rows(reduce(one))[0],
+        "v_empty": _rows(reduce(result.v_empty.unsqueeze(0)))[0],
+        "lesion": recipe.lesion.kind,
+        "objective": objective,
+        "model": recipe.model.name,
+        "output_shape": list(result.values.shape[1:]),
+        "trace": trace,
+    }
+
+
+def read_shapley(out: Path) -> dict[str, Any]:
+    """The run directory's shapley.json, checked for the fields the later stages need."""
+    record = _read_json(out / SHAPLEY_JSON, "analyze")
+    missing = [k for k in ("units", "targets", "values", "stderr") if k not in record]
+    if missing:
+        raise MsaEditError(f"{out / SHAPLEY_JSON} lacks {missing}; rerun `msa-edit analyze`")
+    return dict(record)
+
+
+def _tensor(rows: list[list[float | None]]) -> torch.Tensor:
+    return torch.tensor(
+        [[math.inf if x is None else x for x in r] for r in rows], dtype=torch.float64
+    )
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+def load_targets(recipe: Recipe, tokenizer: Any) -> Targets:
+    """Token blocks of every target set (all files are read now, so errors come early)."""
+    sets = recipe.targets.sets
+    return Targets.from_dict(
+        {
+            name: text_blocks(tokenizer, s.path, s.n_seq, s.seq_len, split=s.split)
+            for name, s in sets.items()
+        }
+    )
+
+
+class _Counted:
+    """A game that counts the coalitions this process evaluates (the rest: from a checkpoint)."""
+
+    def __init__(self, game: LesionGame) -> None:
+        self.game = game
+        self.coalitions = 0
+
+    def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
+        self.coalitions += int(coalitions.shape[0])
+        return self.game(coalitions)
+
+
+def _game_key(recipe: Recipe, units: list[Unit]) -> dict[str, Any]:
+    """What determines every coalition's value: a checkpoint is reused only for the same key."""
+    return {
+        "model": recipe.model.model_dump(mode="json"),
+        "units": [str(u) for u in units],
+        "targets": recipe.targets.model_dump(mode="json"),
+        "lesion": recipe.lesion.model_dump(mode="json"),
+    }
+
+
+def _checkpoint(recipe: Recipe, out: Path, units: list[Unit]) -> Path:
+    """The checkpoint path, after checking a checkpoint there belongs to this game."""
+    path = Path(recipe.estimator.checkpoint) if recipe.estimator.checkpoint else out / CHECKPOINT
+    key_path = (
+        path.with_name(path.name + ".game.json")
+        if recipe.estimator.checkpoint
+        else (out / GAME_KEY)
+    )
+    key = _game_key(recipe, units)
+    if path.exists():
+        old = json.loads(key_path.read_text()) if key_path.is_file() else None
+        if old != key:
+            raise MsaEditError(
+                f"{path} holds coalitions of a different game (model, units, targets or lesion "
+                f"changed); use another --out or delete {path}"
+            )
+    else:
+        _write_json(key_path, key)
+    return path
+
+
+def analyze(
+    recipe: Recipe, out: Path, loaded: Loaded | None = None, say: Say = print
+) -> ShapleyResult:
+    """Shapley modes of the recipe's units on its target sets; writes shapley.json (resumable)."""
+    loaded = loaded or load_model(recipe.model)
+    units = select(loaded.model, list(recipe.units))
+    targets = load_targets(recipe, loaded.tokenizer)
+    objective: Objective = MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
+    lesion = recipe.lesion
+    means = unit_means(loaded.model, units, targets.input_ids) if lesion.kind == "mean" else None
+    game = _Counted(
+        LesionGame(
+            loaded.model, units, targets, objective, lesion.kind,  # type: ignore[arg-type]
+            alpha=lesion.alpha, means=means, max_rows=recipe.estimator.rows_per_forward,
+        )
+    )  # fmt: skip
+    est = recipe.estimator
+    checkpoint = _checkpoint(recipe, out, units)
+    say(f"analyze: {len(units)} units x {len(targets.names)} target sets ({targets.n_rows} rows)")
+    result = estimate(
+        game, len(units), est.method, est.budget, est.seed, est.batch_size,
+        tol=est.tol, topk=est.topk, checkpoint=checkpoint, checkpoint_every=est.checkpoint_every,
+    )  # fmt: skip
+    resumed = result.n_evaluations - game.coalitions
+    say(
+        f"analyze: {result.method}, {result.n_evaluations} coalitions "
+        f"({game.coalitions} evaluated now, {resumed} from the checkpoint), "
+        f"stopped: {result.stopped}"
+    )
+    if result.values.dim() > 2 or recipe.targets.objective != "mean_nll":
+        from safetensors.torch import save_file
+
+        tmp = out / f".{SHAPLEY_TENSOR}.tmp"
+        save_file({"values": result.values.float(), "stderr": result.stderr.float()}, str(tmp))
+        os.replace(tmp, out / SHAPLEY_TENSOR)
+    _write_json(out / SHAPLEY_JSON, shapley_record(result, units, targets, recipe))
+    return result
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def plan(recipe: Recipe, out: Path, say: Say = print) -> Plan:
+    """Choose units from shapley.json as the recipe's plan stage says; writes plan.json."""
+    stage = recipe.plan
+    if stage is None:
+        raise MsaEditError("the recipe has no plan stage; add plan: {target: [...], per_layer: 1}")
+    record = read_shapley(out)
+    names = list(record["targets"])
+    target = list(stage.target) or names
+    retain = list(stage.retain) if stage.retain is not None else list(recipe.targets.retain)
+    if stage.mode == "specific" and not retain:
+        retain = [n for n in names if n not in target]
+    retain = [n for n in retain if n not in target]
+    shapley = {k: record.get(k) for k in ("method", "budget", "seed", "n_evaluations")}
+    chosen = make_plan(
+        _tensor(record["values"]), _tensor(record["stderr"]),
+        [Unit.parse(n) for n in record["units"]], names,
+        target=target, retain=retain, mode=stage.mode, budget=stage.budget(),
+        action=stage.action, base_model=recipe.model.name, shapley=shapley,
+    )  # fmt: skip
+    if stage.alpha is not None:
+        chosen = replace(chosen, alpha={u: stage.alpha for u in chosen.units})
+    chosen.save(out / PLAN_JSON)
+    say(f"plan: {chosen.action} {len(chosen.units)} units: {', '.join(chosen.units) or 'none'}")
+    return chosen
+
+
+# --------------------------------------------------------------------------- edit
+
+
+def apply(
+    recipe: Recipe, out: Path, model: PreTrainedModel, targets: Targets | None = None
+) -> list[EditRecord]:
+    """Apply plan.json to `model` in place (and heal it when the recipe says); writes edit.json."""
+    chosen = Plan.load(out / PLAN_JSON) if (out / PLAN_JSON).is_file() else None
+    if chosen is None:
+        raise MsaEditError(f"{out / PLAN_JSON} does not exist; run `msa-edit plan` first")
+    records = apply_plan(model, chosen, extra=recipe.edit.extra)
+    healed = None
+    if recipe.edit.heal is not None:
+        heal = recipe.edit.heal
+        if targets is None:
+            raise MsaEditError("healing needs the target data; run the edit from `msa-edit run`")
+        keep = [i for i, n in enumerate(targets.names) if n not in chosen.target]
+        rows = (
+            torch.isin(targets.group, torch.tensor(keep))
+            if keep
+            else torch.ones_like(targets.group, dtype=torch.bool)
+        )
+        from msa_edit.edit.peft_export import heal_lora
+
+        # merges into and returns the same model object, edited in place
+        heal_lora(model, targets.input_ids[rows], heal.steps, heal.lr, heal.r, heal.seed)
+        healed = heal.model_dump() | {"rows": int(rows.sum())}
+    _write_json(
+        out / EDIT_JSON, {"records": [json.loads(r.to_json()) for r in records], "healed": healed}
+    )
+    return records
+
+
+def edit(recipe: Recipe, out: Path, say: Say = print) -> Path:
+    """Load the base model, apply plan.json and export the result to model/ (no metrics yet)."""
+    loaded = load_model(recipe.model, quantized=False)
+    targets = load_targets(recipe, loaded.tokenizer) if recipe.edit.heal else None
+    records = apply(recipe, out, loaded.model, targets)
+    _say_records(records, say)
+    return _export(recipe, out, loaded, metrics=None)
+
+
+def _say_records(records: list[EditRecord], say: Say) -> None:
+    for r in records:
+        say(f"edit: {r.action} on {len(r.units)} units, {r.params_saved:,} parameters removed")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def eval_texts(recipe: Recipe, folder: str) -> dict[str, str]:
+    """Held-out texts per language: evaluate.texts, a tiny MoE's held-out files, or the targets."""
+    stage = recipe.evaluate
+    if stage.texts:
+        return dict(stage.texts)
+    if stage.heldout:
+        return {
+            lang: str(Path(folder) / HELDOUT_DIR / f"{lang}.txt")
+            for lang in recipe.targets.sets
+            if (Path(folder) / HELDOUT_DIR / f"{lang}.txt").is_file()
+        }
+    return {name: s.path for name, s in recipe.targets.sets.items()}
+
+
+def metrics(recipe: Recipe, loaded: Loaded, texts: Mapping[str, str]) -> dict[str, float]:
+    """Per-language NLL/perplexity and the recipe's lm-eval task scores of a loaded model."""
+    stage = recipe.evaluate
+    out = language_nll(
+        loaded.model, loaded.tokenizer, texts,
+        n_seq=stage.n_seq, seq_len=stage.seq_len, batch_size=stage.batch_size,
+    )  # fmt: skip
+    if stage.lm_eval_tasks:
+        from msa_edit.evaluate.harness import lm_eval_scores
+
+        out |= lm_eval_scores(
+            loaded.model, loaded.tokenizer, stage.lm_eval_tasks,
+            include_path=stage.lm_eval_include, limit=stage.lm_eval_limit,
+            num_fewshot=stage.lm_eval_fewshot, batch_size=stage.batch_size,
+            seed=recipe.estimator.seed,
+        )  # fmt: skip
+    return out
+
+
+def _load_edited(recipe: Recipe, out: Path, name: str) -> Loaded:
+    """The edited model from model/, loaded the way the base was (same bits and dtype)."""
+    if not (out / MODEL_DIR / "config.json").is_file():
+        raise MsaEditError(f"{out / MODEL_DIR} holds no model; run `msa-edit edit` first")
+    return _load(str(out / MODEL_DIR), recipe.model, recipe.model.bits, name=name)
+
+
+def evaluate(recipe: Recipe, out: Path, say: Say = print) -> dict[str, dict[str, float]]:
+    """Before (base model) and after (model/) metrics; writes eval.json."""
+    base = load_model(recipe.model)
+    texts = eval_texts(recipe, base.folder)
+    before = metrics(recipe, base, texts)
+    del base
+    after = metrics(recipe, _load_edited(recipe, out, recipe.model.name), texts)
+    write_eval_json(out / EVAL_JSON, before, after)
+    _say_metrics(out, say)
+    return read_eval_json(out / EVAL_JSON)
+
+
+def _say_metrics(out: Path, say: Say) -> None:
+    record = read_eval_json(out / EVAL_JSON)
+    for k, v in record["after"].items():
+        if k in record["before"] and not k.startswith("ppl/"):
+            say(
+                f"evaluate: {k} {record['before'][k]:.4f} -> {v:.4f} "
+                f"({v - record['before'][k]:+.4f})"
+            )
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _card(recipe: Recipe, out: Path, metrics: Mapping[str, Any] | None) -> CardInfo:
+    shapley = read_shapley(out) if (out / SHAPLEY_JSON).is_file() else None
+    chosen = Plan.load(out / PLAN_JSON).to_json() if (out / PLAN_JSON).is_file() else None
+    return CardInfo(
+        base_model=recipe.model.path,
+        recipe=recipe.model_dump(mode="json"),
+        plan=chosen,
+        shapley=shapley,
+        metrics=metrics,
+    )
+
+
+def _export(recipe: Recipe, out: Path, loaded: Loaded, metrics: Mapping[str, Any] | None) -> Path:
+    card = _card(recipe, out, metrics)
+    return export_model(loaded.model, loaded.tokenizer, out / MODEL_DIR, card=card, overwrite=True)
+
+
+def export(recipe: Recipe, out: Path, say: Say = print) -> Path:
+    """Put eval.json into model/'s card, push it when the recipe says, write report.md."""
+    record = read_eval_json(out / EVAL_JSON) if (out / EVAL_JSON).is_file() else None
+    if (out / MODEL_DIR / "config.json").is_file():
+        update_card(out / MODEL_DIR, _card(recipe, out, record))
+        if recipe.export.push:
+            assert recipe.export.repo_id is not None
+            url = push_to_hub(out / MODEL_DIR, recipe.export.repo_id, private=recipe.export.private)
+            say(f"export: pushed to {url}")
+    from msa_edit.evaluate.report import write_report
+
+    report = write_report(out)
+    say(f"report: {report}")
+    return report
+
+
+# --------------------------------------------------------------------------- run
+
+
+def prepare(recipe: Recipe, out: Path) -> Path:
+    """Create the run directory and save the recipe in it (after every check has passed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / RECIPE_YAML, recipe.to_yaml())
+    return out
+
+
+def run(recipe: Recipe, out: Path, say: Say = print) -> Path:
+    """Every stage the recipe has, in one process; returns the report's path."""
+    loaded = load_model(recipe.model)
+    select(loaded.model, list(recipe.units))  # a bad unit glob fails before anything is written
+    targets = load_targets(recipe, loaded.tokenizer)
+    texts = eval_texts(recipe, loaded.folder) if recipe.plan is not None else {}
+    for source in texts.values():  # a short or missing evaluation text fails before any writing
+        text_blocks(loaded.tokenizer, source, recipe.evaluate.n_seq, recipe.evaluate.seq_len)
+    if recipe.plan is not None and recipe.evaluate.lm_eval_tasks:
+        from msa_edit.evaluate.harness import check_tasks
+
+        check_tasks(recipe.evaluate.lm_eval_tasks, recipe.evaluate.lm_eval_include)
+    prepare(recipe, out)
+    analyze(recipe, out, loaded, say)
+    if recipe.plan is None:
+        return export(recipe, out, say)
+    plan(recipe, out, say)
+    before = metrics(recipe, loaded, texts)
+    if recipe.model.bits is None:
+        _say_records(apply(recipe, out, loaded.model, targets), say)
+        after = metrics(recipe, loaded, texts)
+        write_eval_json(out / EVAL_JSON, before, after)
+        _export(recipe, out, loaded, read_eval_json(out / EVAL_JSON))
+    else:  # edit the full-precision weights, evaluate the edited model quantised like the base
+        del loaded
+        edit(recipe, out, say)
+        after = metrics(recipe, _load_edited(recipe, out, recipe.model.name), texts)
+        write_eval_json(out / EVAL_JSON, before, after)
+    _say_metrics(out, say)
+    return export(recipe, out, say)

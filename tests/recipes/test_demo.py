@@ -1,0 +1,45 @@
+"""`msa-edit demo` end to end, shortened (30 training steps, 70 coalitions) to fit the test suite."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from msa_edit.cli import DEMO_RECIPE, main
+from msa_edit.recipes import load_recipe
+
+LANGUAGES = ("en", "de", "fr", "es", "ru", "zh")
+
+
+def test_bundled_demo_recipe_is_the_repository_one() -> None:
+    repo = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+    assert load_recipe(repo) == load_recipe(DEMO_RECIPE)
+
+
+def test_demo_writes_the_whole_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("MSA_EDIT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--set", "model.tiny_moe.steps=30"]
+    assert main([*args, "--set", "estimator.budget=70"]) == 0
+    assert "msa-edit demo: done" in capsys.readouterr().out
+    shapley = json.loads((out / "shapley.json").read_text())
+    assert len(shapley["units"]) == 32 and shapley["targets"] == list(LANGUAGES)
+    assert shapley["n_evaluations"] == 70 and shapley["method"] == "kernel"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["action"] == "remove" and plan["target"] == ["ru"] and plan["units"]
+    record = json.loads((out / "eval.json").read_text())
+    assert set(record["after"]) == {f"{m}/{lang}" for m in ("nll", "ppl") for lang in LANGUAGES}
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(out / "model")
+    assert model.config.model_type == "mixtral"
+    report = (out / "report.md").read_text()
+    for png in re.findall(r"\]\((\S+\.png)\)", report):
+        assert (out / png).stat().st_size > 1000
+    rows = dict(re.findall(r"^\| (nll/\w+) \| (\S+) \|", report, re.M))
+    assert rows == {k: f"{v:.4f}" for k, v in record["before"].items() if k.startswith("nll/")}
