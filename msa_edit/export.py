@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from huggingface_hub import HfApi, get_token
 
+from msa_edit.atomic import write_json, write_text
 from msa_edit.errors import MsaEditError
 
 if TYPE_CHECKING:
@@ -144,14 +145,8 @@ def update_card(out_dir: str | os.PathLike[str], card: CardInfo | Mapping[str, A
     if not (out / "config.json").is_file():
         raise MsaEditError(f"{out} is not an exported model (no config.json); export it first")
     info = _as_card(card)
-    for name, text in (
-        (CARD_NAME, render_card(info, title=out.name)),
-        (INFO_NAME, json.dumps(info.to_json(), indent=2) + "\n"),
-    ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
-    return out / CARD_NAME
+    write_json(out / INFO_NAME, info.to_json())
+    return write_text(out / CARD_NAME, render_card(info, title=out.name))
 
 
 def _as_card(card: CardInfo | Mapping[str, Any] | None) -> CardInfo:

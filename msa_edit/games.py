@@ -62,8 +62,9 @@ def text_blocks(
     """`n_seq` blocks of `seq_len` tokens `[n_seq, seq_len]` from a text data set.
 
     `source` is a local .txt (one document per line), .json/.jsonl or .parquet file with a "text"
-    column, or a Hub data set id (where the Hub is reachable). Documents are tokenised, joined with
-    the EOS token and cut into consecutive blocks.
+    column, or a Hub data set id (where the Hub is reachable). Documents are tokenised with the
+    tokenizer's own special tokens (e.g. a BOS), each followed by EOS — the packing LMs are trained
+    on — and cut into consecutive blocks.
     """
     texts = _load_texts(source, split)
     eos = tokenizer.eos_token_id
@@ -72,8 +73,8 @@ def text_blocks(
     for text in texts:
         if not text.strip():
             continue
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
+        ids += tokenizer(text)["input_ids"]
+        if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         if len(ids) >= need:
             break

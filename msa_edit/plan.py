@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from msa_edit.atomic import write_json
 from msa_edit.errors import MsaEditError
 from msa_edit.shapley.result import InteractionResult
 from msa_edit.units import Unit
@@ -116,12 +117,7 @@ class Plan:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write plan.json atomically (temp file, then rename)."""
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, out)
-        return out
+        return write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from msa_edit.atomic import write_json
 from msa_edit.errors import MsaEditError
 from msa_edit.games import text_blocks, token_nll
 
@@ -119,18 +118,7 @@ def write_eval_json(
     bad = [f"{s}.{k}" for s, m in record.items() for k, v in m.items() if not math.isfinite(v)]
     if bad:
         raise MsaEditError(f"eval metrics {bad} are not finite; strict JSON cannot hold them")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(path, record)
 
 
 def read_eval_json(path: Path | str) -> dict[str, dict[str, float]]:

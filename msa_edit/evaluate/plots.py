@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from msa_edit.atomic import atomic_path
 from msa_edit.errors import MsaEditError
 from msa_edit.units import Kind, Unit
 
@@ -54,19 +54,12 @@ def _plain_log_ticks(axis: Any) -> None:
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     """Save `fig` as a PNG at `path` atomically (temp file in the same folder, then rename)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
     finally:
         _pyplot().close(fig)
-    return out
+    return Path(path)
 
 
 def unit_grid(

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 import torch
 
+from msa_edit.atomic import write_text
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate import plots
 from msa_edit.units import KINDS, Kind, Unit
@@ -489,13 +488,4 @@ def write_report(run_dir: str | Path, *, title: str | None = None) -> Path:
     lines += _convergence(run_dir, sh)
     lines += _tables(sh, set(chosen))
     lines += _recipe(recipe.read_text()) if recipe.is_file() else []
-    out = run_dir / "report.md"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".report.md.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines).rstrip("\n") + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return write_text(run_dir / "report.md", "\n".join(lines).rstrip("\n") + "\n")

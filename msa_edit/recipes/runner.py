@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from msa_edit.atomic import atomic_path, write_json, write_text
 from msa_edit.edit import EditRecord, apply_plan
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate.language import language_nll, read_eval_json, write_eval_json
@@ -54,6 +54,12 @@ REPORT_MD = "report.md"
 Say = Callable[[str], None]
 
 
+def say_line(message: str) -> None:
+    """Print one progress line now (also when stdout is a pipe or a file)."""
+    print(message, flush=True)
+
+
+
 @dataclass
 class Loaded:
     """A loaded model with its tokenizer, the folder it came from and its base-model name."""
@@ -64,13 +70,16 @@ class Loaded:
     name: str
 
 
-def load_model(stage: ModelStage, *, quantized: bool = True) -> Loaded:
+def load_model(stage: ModelStage, *, quantized: bool = True, say: Say = say_line) -> Loaded:
     """Load (building first, for `tiny_moe`) the recipe's model; 4/8-bit when asked and `quantized`.
 
     >>> # loaded = load_model(load_recipe("recipes/demo.yaml").model)
     """
+    bits = f", {stage.bits}-bit" if stage.bits and quantized else ""
+    say(f"model: {stage.name} ({stage.dtype}{bits})")
     if stage.tiny_moe is not None:
         spec = stage.tiny_moe
+        say("model: tiny MoE from its texts (trained on first use, minutes on a CPU; then cached)")
         folder = str(build_tiny_moe(spec.texts, steps=spec.steps, seed=spec.seed))
     else:
         assert stage.path is not None
@@ -105,19 +114,6 @@ def _load(folder: str, stage: ModelStage, bits: int | None, name: str) -> Loaded
 
 
 # --------------------------------------------------------------------------- run directory
-
-
-def _write_text(path: Path, text: str) -> Path:
-    """Write `text` to `path` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    return _write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def _read_json(path: Path, made_by: str) -> Any:
@@ -262,15 +258,15 @@ def _checkpoint(recipe: Recipe, out: Path, units: list[Unit]) -> Path:
                 f"changed); use another --out or delete {path}"
             )
     else:
-        _write_json(key_path, key)
+        write_json(key_path, key)
     return path
 
 
 def analyze(
-    recipe: Recipe, out: Path, loaded: Loaded | None = None, say: Say = print
+    recipe: Recipe, out: Path, loaded: Loaded | None = None, say: Say = say_line
 ) -> ShapleyResult:
     """Shapley modes of the recipe's units on its target sets; writes shapley.json (resumable)."""
-    loaded = loaded or load_model(recipe.model)
+    loaded = loaded or load_model(recipe.model, say=say)
     units = select(loaded.model, list(recipe.units))
     targets = load_targets(recipe, loaded.tokenizer)
     objective: Objective = MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
@@ -298,17 +294,16 @@ def analyze(
     if result.values.dim() > 2 or recipe.targets.objective != "mean_nll":
         from safetensors.torch import save_file
 
-        tmp = out / f".{SHAPLEY_TENSOR}.tmp"
-        save_file({"values": result.values.float(), "stderr": result.stderr.float()}, str(tmp))
-        os.replace(tmp, out / SHAPLEY_TENSOR)
-    _write_json(out / SHAPLEY_JSON, shapley_record(result, units, targets, recipe))
+        with atomic_path(out / SHAPLEY_TENSOR) as tmp:
+            save_file({"values": result.values.float(), "stderr": result.stderr.float()}, str(tmp))
+    write_json(out / SHAPLEY_JSON, shapley_record(result, units, targets, recipe))
     return result
 
 
 # --------------------------------------------------------------------------- plan
 
 
-def plan(recipe: Recipe, out: Path, say: Say = print) -> Plan:
+def plan(recipe: Recipe, out: Path, say: Say = say_line) -> Plan:
     """Choose units from shapley.json as the recipe's plan stage says; writes plan.json."""
     stage = recipe.plan
     if stage is None:
@@ -361,15 +356,15 @@ def apply(
         # merges into and returns the same model object, edited in place
         heal_lora(model, targets.input_ids[rows], heal.steps, heal.lr, heal.r, heal.seed)
         healed = heal.model_dump() | {"rows": int(rows.sum())}
-    _write_json(
+    write_json(
         out / EDIT_JSON, {"records": [json.loads(r.to_json()) for r in records], "healed": healed}
     )
     return records
 
 
-def edit(recipe: Recipe, out: Path, say: Say = print) -> Path:
+def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     """Load the base model, apply plan.json and export the result to model/ (no metrics yet)."""
-    loaded = load_model(recipe.model, quantized=False)
+    loaded = load_model(recipe.model, quantized=False, say=say)
     targets = load_targets(recipe, loaded.tokenizer) if recipe.edit.heal else None
     records = apply(recipe, out, loaded.model, targets)
     _say_records(records, say)
@@ -424,9 +419,9 @@ def _load_edited(recipe: Recipe, out: Path, name: str) -> Loaded:
     return _load(str(out / MODEL_DIR), recipe.model, recipe.model.bits, name=name)
 
 
-def evaluate(recipe: Recipe, out: Path, say: Say = print) -> dict[str, dict[str, float]]:
+def evaluate(recipe: Recipe, out: Path, say: Say = say_line) -> dict[str, dict[str, float]]:
     """Before (base model) and after (model/) metrics; writes eval.json."""
-    base = load_model(recipe.model)
+    base = load_model(recipe.model, say=say)
     texts = eval_texts(recipe, base.folder)
     before = metrics(recipe, base, texts)
     del base
@@ -466,7 +461,7 @@ def _export(recipe: Recipe, out: Path, loaded: Loaded, metrics: Mapping[str, Any
     return export_model(loaded.model, loaded.tokenizer, out / MODEL_DIR, card=card, overwrite=True)
 
 
-def export(recipe: Recipe, out: Path, say: Say = print) -> Path:
+def export(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     """Put eval.json into model/'s card, push it when the recipe says, write report.md."""
     record = read_eval_json(out / EVAL_JSON) if (out / EVAL_JSON).is_file() else None
     if (out / MODEL_DIR / "config.json").is_file():
@@ -488,13 +483,13 @@ def export(recipe: Recipe, out: Path, say: Say = print) -> Path:
 def prepare(recipe: Recipe, out: Path) -> Path:
     """Create the run directory and save the recipe in it (after every check has passed)."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / RECIPE_YAML, recipe.to_yaml())
+    write_text(out / RECIPE_YAML, recipe.to_yaml())
     return out
 
 
-def run(recipe: Recipe, out: Path, say: Say = print) -> Path:
+def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     """Every stage the recipe has, in one process; returns the report's path."""
-    loaded = load_model(recipe.model)
+    loaded = load_model(recipe.model, say=say)
     select(loaded.model, list(recipe.units))  # a bad unit glob fails before anything is written
     targets = load_targets(recipe, loaded.tokenizer)
     texts = eval_texts(recipe, loaded.folder) if recipe.plan is not None else {}
