@@ -141,7 +141,7 @@ def main() -> None:
               f"| {cells} | {'yes' if own[i] else 'no'} |")  # fmt: skip
     print(f"\n{int(own.sum())} of {len(LANGUAGES)} languages: their expert costs them the most NLL")
     own_is_max = bool(own.all())
-    removal = remove_language(model, model_dir, res, units, "ru", args.seq_len)
+    removal = remove_language(model, model_dir, res, units, "zh", args.seq_len)
     payload = {
         "model": str(model_dir),
         "shapley": {**res.to_json(), "units": [str(u) for u in units], "targets": list(LANGUAGES)},
@@ -149,7 +149,7 @@ def main() -> None:
         "lesion_delta_nll": delta.tolist(),
         "specificity": spec.tolist(),
         "own_is_max": own_is_max,
-        "remove_ru": removal,
+        "remove_zh": removal,
     }
     tmp = RESULTS / "language_experts.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")

@@ -9,7 +9,7 @@
 
 `run` carries out a recipe end to end into a run directory (shapley.json, plan.json, eval.json,
 model/, report.md); `demo` runs the bundled demo recipe (a tiny multilingual Mixtral, its
-Russian experts removed). The stage commands run one stage each from the run directory's files,
+Chinese experts removed). The stage commands run one stage each from the run directory's files,
 so an analysis can be resumed and a plan edited by hand before `edit`. `validate` checks a recipe
 without loading a model.
 
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msa-edit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="the bundled demo: remove a tiny multilingual MoE's Russian experts"
+        "demo", help="the bundled demo: remove a tiny multilingual MoE's Chinese experts"
     )
     _run_arguments(demo, recipe=False)
     run = commands.add_parser("run", help="carry out a recipe end to end into a run directory")

@@ -138,7 +138,12 @@ def scores(
     mode: Mode = "specific",
     lower_is_better: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-unit score (higher = remove first) and its standard error, from `[n, T]` modes."""
+    """Per-unit score (higher = remove first) and its standard error, from `[n, T]` modes.
+
+    "specific": how much the unit helps the targets (mean over them) minus how much it helps the
+    retained set it helps most — a unit is specific only if no retained set needs it as much.
+    "least_useful": minus its mean help to the targets (compression: the least needed go first).
+    """
     values, stderr = values.reshape(values.shape[0], -1), stderr.reshape(stderr.shape[0], -1)
     cols = _columns(target_names, target)
     sign = -1.0 if lower_is_better else 1.0
@@ -150,10 +155,11 @@ def scores(
     score = helps[:, cols].mean(1)
     var = se[:, cols].pow(2).sum(1) / len(cols) ** 2
     if retain:
-        rcols = _columns(target_names, retain)
-        keep = helps[:, rcols].mean(1)
+        rcols = torch.tensor(_columns(target_names, retain))
+        keep, worst = helps[:, rcols].max(1)
         score = score - keep.clamp_min(0)
-        var = var + (keep > 0).double() * se[:, rcols].pow(2).sum(1) / len(rcols) ** 2
+        worst_se = se[:, rcols].gather(1, worst[:, None]).squeeze(1)
+        var = var + (keep > 0).double() * worst_se.pow(2)
     return score, var.sqrt()
 
 

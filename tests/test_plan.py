@@ -33,10 +33,16 @@ STDERR = torch.full_like(VALUES, 0.02)
 def test_selectivity_subtracts_what_must_be_retained() -> None:
     score, se = scores(VALUES, STDERR, LANGS, ["ru"], retain=["en", "zh"])
     assert score[0] == pytest.approx(0.0)  # helps ru as much as the rest: not specific
-    assert score[1] == pytest.approx(0.8) and score[2] == pytest.approx(0.25)
-    assert se[1] == pytest.approx(0.02) and se[2] == pytest.approx(
-        (0.02**2 + 2 * 0.02**2 / 4) ** 0.5
-    )
+    assert score[1] == pytest.approx(0.8) and score[2] == pytest.approx(0.2)
+    assert se[1] == pytest.approx(0.02) and se[2] == pytest.approx((2 * 0.02**2) ** 0.5)
+
+
+def test_a_unit_one_retained_set_needs_is_not_specific() -> None:
+    values = torch.tensor([[-1.0, -0.9, 0.0], [-0.4, 0.0, 0.0]], dtype=torch.float64)
+    stderr = torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]], dtype=torch.float64)
+    score, se = scores(values, stderr, ["ru", "en", "zh"], ["ru"], retain=["en", "zh"])
+    assert score.tolist() == pytest.approx([0.1, 0.4])  # a mean over en, zh would say 0.55
+    assert se.tolist() == pytest.approx([(0.1**2 + 0.2**2) ** 0.5, 0.1])
 
 
 def test_per_layer_budget_picks_the_most_specific_unit_of_each_layer() -> None:

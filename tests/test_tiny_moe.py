@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import write_texts
 
 import msa_edit.tiny_moe as tm
 from msa_edit.cli import main
 from msa_edit.errors import MsaEditError
 from msa_edit.tiny_moe import TinyMoeConfig, build_tiny_moe, routing_by_language
 
-UD_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ud-text"
 LANGS = ("en", "de", "ru")
 SMALL = TinyMoeConfig(
     layers=2, experts=4, top_k=2, hidden=32, intermediate=64, heads=2, vocab=400, seq_len=32,
@@ -42,15 +42,7 @@ class TrainSpy:
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory) -> dict[str, Path]:
-    if not UD_TEXT.is_dir():
-        pytest.skip(f"multilingual text not found at {UD_TEXT}")
-    folder = tmp_path_factory.mktemp("texts")
-    out = {}
-    for lang in LANGS:
-        lines = (UD_TEXT / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:250]
-        out[lang] = folder / f"{lang}.txt"
-        out[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return out
+    return write_texts(tmp_path_factory.mktemp("texts"), LANGS, 250)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,16 @@ LANGS = ("en", "ru", "zh")
 """Languages the tiny test Mixtral of `tests/recipes` is trained on."""
 
 
+def write_texts(folder: Path, langs: tuple[str, ...], n_lines: int) -> dict[str, Path]:
+    """The first `n_lines` of each language's bundled text, as files in `folder`."""
+    out = {}
+    for lang in langs:
+        lines = (UD_TEXT / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:n_lines]
+        out[lang] = folder / f"{lang}.txt"
+        out[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
 def tiny_config(model_type: str):
     """Config of a 2-layer model with hidden size 32 of the given family."""
     common = dict(

@@ -392,29 +392,31 @@ def _trace(sh: _Shapley) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     return points
 
 
-def _convergence(run_dir: Path, sh: _Shapley) -> list[str]:
+def _convergence(run_dir: Path, sh: _Shapley, focus: str | None) -> list[str]:
+    """Convergence of the largest stderr, and of the top units for `focus` (default: 1st target)."""
     points = _trace(sh)
     if len(points) < 2:
         return []
+    t = sh.targets.index(focus) if focus in sh.targets else 0
     ns = [n for n, _, _ in points]
     largest = []
     for _, _, se in points:
         finite = se[torch.isfinite(se)]
         largest.append(float(finite.max()) if finite.numel() else math.inf)
-    final = sh.values[:, 0].abs().nan_to_num(nan=-1.0)
+    final = sh.values[:, t].abs().nan_to_num(nan=-1.0)
     order = sorted(range(len(sh.units)), key=lambda i: (-float(final[i]), sh.names[i]))
     curves = {
         sh.names[i]: (
-            [float(v[i, 0]) for _, v, _ in points],
-            [float(s[i, 0]) for _, _, s in points],
+            [float(v[i, t]) for _, v, _ in points],
+            [float(s[i, t]) for _, _, s in points],
         )
         for i in order[:TOP_CONVERGENCE]
     }
-    plots.convergence_plot(ns, largest, curves, run_dir / "convergence.png", target=sh.targets[0])
+    plots.convergence_plot(ns, largest, curves, run_dir / "convergence.png", target=sh.targets[t])
     caption = (
         "Left: the largest finite standard error over all units and targets as more coalitions "
         "are evaluated (log-log; a Monte-Carlo estimate falls like 1/√n). Right: the estimates "
-        f"of the {len(curves)} units with the largest |value| for {sh.targets[0]}, with "
+        f"of the {len(curves)} units with the largest |value| for {sh.targets[t]}, with "
         "±1.96·stderr bands; flat lines inside narrow bands mean the estimate has settled."
     )
     return ["## Estimator convergence", "", *_figure("convergence.png", "convergence", caption)]
@@ -485,7 +487,7 @@ def write_report(run_dir: str | Path, *, title: str | None = None) -> Path:
     lines += _ranking(run_dir, sh, plan)
     lines += _eval(run_dir, ev) if ev is not None else []
     lines += _edit(edit) if edit is not None else []
-    lines += _convergence(run_dir, sh)
+    lines += _convergence(run_dir, sh, ((plan or {}).get("target") or [None])[0])
     lines += _tables(sh, set(chosen))
     lines += _recipe(recipe.read_text()) if recipe.is_file() else []
     return write_text(run_dir / "report.md", "\n".join(lines).rstrip("\n") + "\n")

@@ -59,7 +59,6 @@ def say_line(message: str) -> None:
     print(message, flush=True)
 
 
-
 @dataclass
 class Loaded:
     """A loaded model with its tokenizer, the folder it came from and its base-model name."""

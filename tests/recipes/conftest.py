@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_models import LANGS, UD_TEXT
+from tiny_models import LANGS, write_texts
 
 from msa_edit.tiny_moe import TinyMoeConfig, build_tiny_moe
 
@@ -18,10 +18,5 @@ SMALL = TinyMoeConfig(
 @pytest.fixture(scope="session")
 def tiny_mixtral(tmp_path_factory) -> Path:
     """A 2-layer, 4-expert Mixtral with its tokenizer, trained for 60 steps on en/ru/zh."""
-    folder = tmp_path_factory.mktemp("texts")
-    texts = {}
-    for lang in LANGS:
-        lines = (UD_TEXT / f"{lang}.txt").read_text(encoding="utf-8").splitlines()[:300]
-        texts[lang] = folder / f"{lang}.txt"
-        texts[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    texts = write_texts(tmp_path_factory.mktemp("texts"), LANGS, 300)
     return build_tiny_moe(texts, tmp_path_factory.mktemp("model") / "tiny", config=SMALL)
