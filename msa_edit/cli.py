@@ -125,7 +125,6 @@ def run_recipe(command: str, recipe: Recipe, out: Path) -> Path | None:
     if command == "analyze":
         loaded = runner.load_model(recipe.model)
         runner.load_targets(recipe, loaded.tokenizer)
-        runner.prepare(recipe, out)
         runner.analyze(recipe, out, loaded)
         return out / runner.SHAPLEY_JSON
     if not out.is_dir():

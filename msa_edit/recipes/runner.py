@@ -240,15 +240,17 @@ def _game_key(recipe: Recipe, units: list[Unit]) -> dict[str, Any]:
     }
 
 
-def _checkpoint(recipe: Recipe, out: Path, units: list[Unit]) -> Path:
-    """The checkpoint path, after checking a checkpoint there belongs to this game."""
-    path = Path(recipe.estimator.checkpoint) if recipe.estimator.checkpoint else out / CHECKPOINT
-    key_path = (
-        path.with_name(path.name + ".game.json")
-        if recipe.estimator.checkpoint
-        else (out / GAME_KEY)
-    )
-    key = _game_key(recipe, units)
+def _checkpoint(recipe: Recipe, out: Path) -> tuple[Path, Path]:
+    """The checkpoint's path and the path of the game key stored beside it."""
+    if recipe.estimator.checkpoint:
+        path = Path(recipe.estimator.checkpoint)
+        return path, path.with_name(path.name + ".game.json")
+    return out / CHECKPOINT, out / GAME_KEY
+
+
+def _check_checkpoint(recipe: Recipe, out: Path, key: dict[str, Any]) -> None:
+    """Refuse a checkpoint written for another game (its coalition values would be wrong)."""
+    path, key_path = _checkpoint(recipe, out)
     if path.exists():
         old = json.loads(key_path.read_text()) if key_path.is_file() else None
         if old != key:
@@ -256,9 +258,6 @@ def _checkpoint(recipe: Recipe, out: Path, units: list[Unit]) -> Path:
                 f"{path} holds coalitions of a different game (model, units, targets or lesion "
                 f"changed); use another --out or delete {path}"
             )
-    else:
-        write_json(key_path, key)
-    return path
 
 
 def analyze(
@@ -278,7 +277,11 @@ def analyze(
         )
     )  # fmt: skip
     est = recipe.estimator
-    checkpoint = _checkpoint(recipe, out, units)
+    key = _game_key(recipe, units)
+    _check_checkpoint(recipe, out, key)
+    prepare(recipe, out)
+    checkpoint, key_path = _checkpoint(recipe, out)
+    write_json(key_path, key)
     say(f"analyze: {len(units)} units x {len(targets.names)} target sets ({targets.n_rows} rows)")
     result = estimate(
         game, len(units), est.method, est.budget, est.seed, est.batch_size,
@@ -498,7 +501,6 @@ def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
         from msa_edit.evaluate.harness import check_tasks
 
         check_tasks(recipe.evaluate.lm_eval_tasks, recipe.evaluate.lm_eval_include)
-    prepare(recipe, out)
     analyze(recipe, out, loaded, say)
     if recipe.plan is None:
         return export(recipe, out, say)

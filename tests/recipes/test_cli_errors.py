@@ -149,3 +149,17 @@ def test_missing_recipe_file(tmp_path: Path, capsys) -> None:
     assert err == [
         f"msa-edit: error: recipe {tmp_path / 'nope.yaml'} does not exist; check the path"
     ]
+
+
+@pytest.mark.parametrize("name", ["demo", "mixtral_compress", "mixtral_remove_language"])
+def test_shipped_recipes_validate(name: str, capsys) -> None:
+    path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml"
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{path}: valid; model ")
+
+
+def test_validate_reports_a_bad_override(capsys) -> None:
+    path = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+    assert main(["validate", str(path), "--set", "plan.per_layer=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "plan.per_layer: must be greater than 0" in err[0]

@@ -211,3 +211,51 @@ def test_killed_run_resumes_from_the_checkpoint(tiny_mixtral: Path, tmp_path: Pa
     assert main(["run", str(path), "--out", str(clean)]) == 0
     for name in ("shapley.json", "plan.json", "eval.json"):
         assert (out / name).read_text() == (clean / name).read_text(), name
+
+
+def test_run_with_healing_and_an_lm_eval_task(tiny_mixtral: Path, tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("peft")
+    tasks = REPO / "tests" / "data" / "lm_eval_tasks"
+    config = yaml.safe_load((tasks / "next_word.yaml").read_text())
+    config["dataset_kwargs"] |= {"data_files": {"test": str(tasks / "next_word.jsonl")},
+                                 "cache_dir": str(tmp_path / "hf")}  # fmt: skip
+    (tmp_path / "tasks").mkdir()
+    write(tmp_path / "tasks" / "next_word.yaml", config)
+    data = recipe(
+        tiny_mixtral,
+        edit={"heal": {"steps": 3, "lr": 1e-2}},
+        evaluate={"n_seq": N_SEQ, "seq_len": SEQ_LEN, "lm_eval_tasks": ["next_word"],
+                  "lm_eval_include": str(tmp_path / "tasks")},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["run", str(write(tmp_path / "r.yaml", data)), "--out", str(out)]) == 0
+    record = json.loads((out / "eval.json").read_text())
+    assert {"next_word/acc", "next_word/acc_norm"} <= set(record["after"])
+    assert 0 <= record["after"]["next_word/acc"] <= 1
+    healed = json.loads((out / "edit.json").read_text())["healed"]
+    assert healed["steps"] == 3 and healed["rows"] == 2 * N_SEQ  # en and zh rows, not ru
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    texts = {lang: UD_TEXT / f"{lang}.txt" for lang in LANGS}
+    fresh = language_nll(reloaded, tokenizer, texts, n_seq=N_SEQ, seq_len=SEQ_LEN)
+    assert {k: record["after"][k] for k in fresh} == pytest.approx(fresh, rel=1e-6)
+    assert "next_word/acc" in report_table((out / "report.md").read_text())
+
+
+def test_analysis_only_recipe_and_a_changed_game(
+    tiny_mixtral: Path, tmp_path: Path, capsys
+) -> None:
+    data = recipe(tiny_mixtral)
+    del data["plan"]
+    out = tmp_path / "out"
+    assert main(["run", str(write(tmp_path / "r.yaml", data)), "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"shapley.json", "report.md"} <= names and not {"plan.json", "eval.json"} & names
+    capsys.readouterr()
+    saved = (out / "recipe.yaml").read_text()
+    data["targets"]["sets"]["en"]["n_seq"] = 3  # another game: the stored coalitions do not apply
+    assert main(["analyze", str(write(tmp_path / "r.yaml", data)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds coalitions of a different game" in err[0]
+    assert (out / "recipe.yaml").read_text() == saved
