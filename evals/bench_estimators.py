@@ -1,8 +1,12 @@
 """Benchmark the Shapley estimators of `msa_edit.shapley` against exact values and against msapy.
 
 Games: `mlp_game(n_hidden=10, seed=0)` (scalar) and the same MLP with `per_class=True` (Shapley
-modes, shape [3]). With 10 players all 1024 coalitions can be enumerated, so the exact values are
-the reference. For every game it measures, over R seeds (seeds 1..R, the same for every cell):
+modes, shape [3]); and two model games with per-language NLL modes (shape [6]) on held-out text:
+the 12 experts of a 3-layer x 4-expert tiny MoE (`reroute`) and the 12 heads of a 3-layer dense
+tiny transformer (`zero`), both trained on the bundled UD text (`benchlib.MODELS`). Every game is
+small enough to enumerate (the model games' 4096 coalitions are evaluated once and cached, then
+read from the table), so the exact values are the reference. For every game it measures, over
+R seeds (seeds 1..R, the same for every cell):
 
 * `estimate(method=m, budget=b)` for m in permutation, antithetic, kernel, auto and budgets b
   (distinct coalitions): RMSE vs exact (root of the mean squared error over players, output dims
@@ -11,24 +15,23 @@ the reference. For every game it measures, over R seeds (seeds 1..R, the same fo
 * msapy 1.7.3 `msa.interface` (lazy, serial) with 10, 25, 50, 100 permutations: RMSE, mean
   objective calls, mean distinct coalitions asked for, and wall time per run;
 * the headline: the smallest budget at which `auto`'s RMSE is at most msapy's RMSE at 100
-  permutations, found by bisection over integer budgets in [20, 1023] (assumes the RMSE falls with
-  the budget), and its ratio to msapy's objective calls and distinct coalitions (goal: <= 1/4).
+  permutations, found by bisection over integer budgets in [2n, 2^n - 1] (assumes the RMSE
+  falls with the budget), and its ratio to msapy's objective calls and distinct coalitions
+  (goal: <= 1/4).
 
 Results are printed as Markdown tables and written to `evals/results/bench_estimators.json`.
 Same seeds give the same numbers (wall times aside). Run from the repository root:
 
-    python evals/bench_estimators.py            # full run, R = 30 (a few minutes on 2 cores)
+    python evals/bench_estimators.py            # full run, R = 30 (about 8 minutes on 2 cores)
     python evals/bench_estimators.py --quick    # smoke run, R = 5, fewer budgets
-    python -m evals.bench_estimators --seeds 10
+    python evals/bench_estimators.py --seeds 10
+
+The first run also trains the two models (about 3 minutes each) and enumerates their games.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,41 +41,34 @@ from typing import Any
 
 import numpy as np
 import torch
-from msapy import msa
+from benchlib import CountingGame, language_table, run_msapy
 
+from msa_edit.atomic import write_json
 from msa_edit.shapley import Game, estimate
 from msa_edit.shapley.estimate import min_budget
 from msa_edit.shapley.toys import mlp_game
 
-N_PLAYERS = 10
+MLP_PLAYERS = 10
 METHODS = ("permutation", "antithetic", "kernel", "auto")
 BUDGETS = (48, 64, 96, 128, 192, 256, 384, 512, 768)
 QUICK_BUDGETS = (48, 128, 512)
 PERMUTATIONS = (10, 25, 50, 100, 1000)
 QUICK_PERMUTATIONS = (10, 100)
 REFERENCE_PERMUTATIONS = 100
-SEARCH_RANGE = (min_budget("permutation", N_PLAYERS), (1 << N_PLAYERS) - 1)
-"""From the smallest budget `auto` accepts to one below exact enumeration."""
+MLP_GAMES = ("scalar", "modes")
+MODEL_GAMES = (
+    ("moe-experts", "moe-small", "layers.*.experts.*"),
+    ("dense-heads", "dense", "layers.*.heads.*"),
+)
+"""Games of trained tiny models (`benchlib.MODELS`) with 12 players each, so exact is feasible
+(msapy at 10..100 permutations only: at 1000 it would keep a 10-minute run from finishing)."""
+N_SEQ, SEQ_LEN = 2, 32
 CHECK_BELOW = 8
 """Budgets just below the bisection's answer that are probed too, since bisection assumes the RMSE
 falls with the budget and auto's RMSE is far from monotone at tiny budgets."""
 GOAL_RATIO = 0.25
 Z_95 = 1.96
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_estimators.json"
-
-
-class CountingGame:
-    """Wraps a game and counts the coalitions (rows) it is asked for, and how many are distinct."""
-
-    def __init__(self, game: Game) -> None:
-        self.game = game
-        self.calls = 0
-        self.seen: set[bytes] = set()
-
-    def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
-        self.calls += coalitions.shape[0]
-        self.seen.update(row.tobytes() for row in np.packbits(coalitions.numpy(), axis=1))
-        return self.game(coalitions)
 
 
 @dataclass(frozen=True)
@@ -131,7 +127,7 @@ def run_ours(game: Game, exact: np.ndarray, method: str, budget: int, seed: int)
     """One `estimate` run of `method` at `budget`."""
     counter = CountingGame(game)
     start = time.perf_counter()
-    res = estimate(counter, N_PLAYERS, method=method, budget=budget, seed=seed, progress=False)
+    res = estimate(counter, exact.shape[0], method=method, budget=budget, seed=seed, progress=False)
     seconds = time.perf_counter() - start
     return Run(
         error=res.values.numpy() - exact,
@@ -143,48 +139,13 @@ def run_ours(game: Game, exact: np.ndarray, method: str, budget: int, seed: int)
     )
 
 
-def msapy_objective(game: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[tuple], Any]:
-    """msapy's objective: the tuple of lesioned elements -> float (scalar game) or ndarray."""
-
-    def objective(lesioned: tuple) -> Any:
-        mask = torch.ones(N_PLAYERS, dtype=torch.bool)
-        mask[list(lesioned)] = False
-        out = game(mask[None])[0]
-        return float(out) if out.dim() == 0 else out.numpy()
-
-    return objective
-
-
-def msapy_values(table: Any, output_shape: tuple[int, ...]) -> np.ndarray:
-    """Shapley values `[n, *output_shape]` from msapy's result, players in order 0..n-1.
-
-    Scalar games give a ShapleyTable (one row per permutation, one column per element): the values
-    are its column means. Vector games give a ShapleyModeND whose column e holds the (already
-    averaged) mode of element e, flattened.
-    """
-    if not output_shape:
-        return table.mean()[list(range(N_PLAYERS))].to_numpy(dtype=np.float64)
-    modes = [table[e].to_numpy(dtype=np.float64).reshape(output_shape) for e in range(N_PLAYERS)]
-    return np.stack(modes)
-
-
-def run_msapy(game: Game, exact: np.ndarray, n_permutations: int, seed: int) -> Run:
+def run_theirs(game: Game, exact: np.ndarray, n_permutations: int, seed: int) -> Run:
     """One msapy run (lazy, serial, progress bars silenced); `seed` must be >= 1 for msapy."""
-    counter = CountingGame(game)
-    quiet = io.StringIO()
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        table = msa.interface(
-            n_permutations=n_permutations,
-            elements=list(range(N_PLAYERS)),
-            objective_function=msapy_objective(counter),
-            random_seed=seed,
-            n_parallel_games=1,
-            dual_progress_bars=False,
-        )
-    seconds = time.perf_counter() - start
+    values, counter, seconds = run_msapy(
+        game, exact.shape[0], tuple(exact.shape[1:]), n_permutations, seed
+    )
     return Run(
-        error=msapy_values(table, exact.shape[1:]) - exact,
+        error=values - exact,
         stderr=None,
         evaluations=len(counter.seen),
         calls=counter.calls,
@@ -199,7 +160,7 @@ def ours_cell(game: Game, exact: np.ndarray, method: str, budget: int, seeds: ra
 
 
 def msapy_cell(game: Game, exact: np.ndarray, n_permutations: int, seeds: range) -> Cell:
-    runs = [run_msapy(game, exact, n_permutations, s) for s in seeds]
+    runs = [run_theirs(game, exact, n_permutations, s) for s in seeds]
     return summarize("msapy", "msapy", n_permutations, runs)
 
 
@@ -230,7 +191,7 @@ def headline(game: Game, exact: np.ndarray, reference: Cell, seeds: range) -> di
             probes[budget] = ours_cell(game, exact, "auto", budget, seeds).rmse
         return probes[budget]
 
-    lo, hi = SEARCH_RANGE
+    lo, hi = search_range(exact.shape[0])
     budget, note = bisect_budget(rmse_at, reference.rmse, lo, hi)
     below = range(0) if budget is None else range(max(lo, budget - CHECK_BELOW), budget)
     if below:
@@ -252,11 +213,16 @@ def headline(game: Game, exact: np.ndarray, reference: Cell, seeds: range) -> di
     }
 
 
+def search_range(n_players: int) -> tuple[int, int]:
+    """From the smallest budget `auto` accepts to one below exact enumeration."""
+    return min_budget("permutation", n_players), (1 << n_players) - 1
+
+
 def bench_game(
-    game: Game, budgets: Sequence[int], permutations: Sequence[int], seeds: range
+    game: Game, n_players: int, budgets: Sequence[int], permutations: Sequence[int], seeds: range
 ) -> dict[str, Any]:
     """Exact reference, every estimator cell and the headline for one game."""
-    exact = estimate(game, N_PLAYERS, method="exact", progress=False).values.numpy()
+    exact = estimate(game, n_players, method="exact", progress=False).values.numpy()
     ours = [ours_cell(game, exact, m, b, seeds) for m in METHODS for b in budgets]
     theirs = [msapy_cell(game, exact, p, seeds) for p in permutations]
     matches = [headline(game, exact, c, seeds) for c in theirs]
@@ -308,7 +274,7 @@ def markdown_table(cells: Sequence[Cell]) -> str:
 def headline_lines(name: str, h: dict[str, Any]) -> list[str]:
     ref = f"msapy@{h['msapy_permutations']}perms RMSE {h['target_rmse']:.4g}"
     if h["budget"] is None:
-        return [f"- {name}: auto does not reach {ref} below budget {SEARCH_RANGE[1] + 1}."]
+        return [f"- {name}: auto does not reach {ref} within the budgets searched."]
 
     def verdict(ratio: float) -> str:
         return "meets" if ratio <= GOAL_RATIO else "misses"
@@ -325,14 +291,6 @@ def headline_lines(name: str, h: dict[str, Any]) -> list[str]:
     ]
 
 
-def write_json(payload: dict[str, Any], path: Path) -> None:
-    """Write atomically: a temp file beside `path`, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 30)")
@@ -346,6 +304,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def games(quick: bool) -> dict[str, tuple[Game, int, str]]:
+    """The benchmarked games: name -> (game, players, description)."""
+    out: dict[str, tuple[Game, int, str]] = {
+        "scalar": (mlp_game(MLP_PLAYERS, seed=0), MLP_PLAYERS, f"mlp_game({MLP_PLAYERS}), scalar"),
+        "modes": (
+            mlp_game(MLP_PLAYERS, seed=0, per_class=True),
+            MLP_PLAYERS,
+            f"mlp_game({MLP_PLAYERS}, per_class=True), modes [3]",
+        ),
+    }
+    for name, model, units in MODEL_GAMES:
+        table = language_table(model, units, N_SEQ, SEQ_LEN)
+        what = f"benchlib model {model!r}, {units}, per-language NLL modes [6] (table lookup)"
+        out[name] = (table, table.n_players, what)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
@@ -354,29 +329,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # The games are tiny: intra-op threads only add synchronisation, which on a loaded 2-core
     # machine made single-coalition calls ~70x slower and the wall times meaningless.
     torch.set_num_threads(1)
-    games = {
-        "scalar": mlp_game(n_hidden=N_PLAYERS, seed=0),
-        "modes": mlp_game(n_hidden=N_PLAYERS, seed=0, per_class=True),
-    }
     start = time.perf_counter()
-    results = {name: bench_game(g, budgets, permutations, seeds) for name, g in games.items()}
+    played = games(args.quick)
+    setup = time.perf_counter() - start
+    results = {
+        name: bench_game(
+            game, n, budgets, permutations if name in MLP_GAMES else permutations[:4], seeds
+        )
+        for name, (game, n, _) in played.items()
+    }
     total = time.perf_counter() - start
-    print(f"# Shapley estimators on mlp_game(n_hidden={N_PLAYERS}, seed=0), {args.seeds} seeds\n")
+    print(f"# Shapley estimators vs exact values, {args.seeds} seeds\n")
     for name, res in results.items():
-        print(f"## {name}\n\n{markdown_table(res['cells'])}\n")
+        print(f"## {name}: {played[name][2]}\n\n{markdown_table(res['cells'])}\n")
         table = equal_accuracy_table(res["equal_accuracy"])
         print(f"### {name}: auto budget to match msapy\n\n{table}\n")
     print("## Headline\n")
     for name, res in results.items():
         print("\n".join(headline_lines(name, res["headline"])))
-    print(f"\nTotal time: {total:.1f} s")
+    print(f"\nTotal time: {total:.1f} s ({setup:.1f} s enumerating the model games)")
     payload = {
         "config": {
-            "game": f"mlp_game(n_hidden={N_PLAYERS}, seed=0)",
+            "games": {name: what for name, (_, _, what) in played.items()},
             "seeds": list(seeds),
             "budgets": list(budgets),
             "msapy_permutations": list(permutations),
-            "search_range": list(SEARCH_RANGE),
             "quick": args.quick,
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
@@ -388,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "total_seconds": total,
     }
-    write_json(payload, args.out)
+    write_json(args.out, payload)
     print(f"Wrote {args.out}")
     return payload
 

@@ -1,5 +1,11 @@
 """Language experts of the tiny multilingual MoE: per-language Shapley modes over its 32 experts.
 
+The second of the MSA paper's three findings at small scale (the others: `evals/mlp_hubs.py`,
+`evals/gan_hierarchy.py`): inside a mixture-of-experts language model some experts serve one
+language. Three steps: (1) Shapley modes — one value per expert and language; (2) each
+language's most specific expert, lesioned alone; (3) the plan "remove the experts most specific
+to zh", applied to the weights, and every language's held-out NLL before and after.
+
 Builds (or reuses from the cache) the default tiny Mixtral trained on the six UD languages of
 ../shared/data/ud-text, takes held-out text per language (never trained on), and estimates each
 expert's Shapley value for every language's mean next-token NLL under `reroute` lesions (the
@@ -8,10 +14,11 @@ language's NLL. Each language's expert is its most specific one (`msa_edit.plan.
 much more it helps that language than any other); lesioning it alone should cost that language
 more NLL than any other language. The table says for which languages that holds.
 
-Writes evals/results/language_experts.{json,png}. Run from the repository root:
+Writes evals/results/language_experts.{json,png} (the heat-map: layers x experts, one panel per
+language). Run from the repository root:
 
-    python evals/language_experts.py                 # ~2 min on 2 cores once the model is cached
-    python evals/language_experts.py --budget 400    # faster, noisier
+    python evals/language_experts.py            # ~80 s on 2 cores once the model is cached
+    python evals/language_experts.py --quick    # 400 coalitions: faster, noisier
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +116,16 @@ def remove_language(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--budget", type=int, default=None, help="coalitions (1000; --quick 400)")
     parser.add_argument("--n-seq", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="budget 400 unless --budget is given")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.budget is None:
+        args.budget = 400 if args.quick else 1000
+    started = time.perf_counter()
     model_dir = build_tiny_moe({lang: DATA / f"{lang}.txt" for lang in LANGUAGES})
     res, units, targets, model = analyse(
         model_dir, args.budget, args.n_seq, args.seq_len, args.seed
@@ -120,9 +133,9 @@ def main() -> None:
     spec = specificity(res.values)
     top = {lang: units[int(spec[:, t].argmax())] for t, lang in enumerate(LANGUAGES)}
     delta = lesion_table(model, top, targets)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     png = expert_heatmaps(
-        -res.values, units, LANGUAGES, RESULTS / "language_experts.png",
+        -res.values, units, LANGUAGES, args.out / "language_experts.png",
         title="How much each expert lowers each language's NLL (-Shapley value, nats)",
         label="-φ (nats)",
     )  # fmt: skip
@@ -151,9 +164,10 @@ def main() -> None:
         "own_is_max": own_is_max,
         "remove_zh": removal,
     }
-    tmp = RESULTS / "language_experts.json.tmp"
+    tmp = args.out / "language_experts.json.tmp"
     tmp.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, RESULTS / "language_experts.json")
+    os.replace(tmp, args.out / "language_experts.json")
+    print(f"\n{time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

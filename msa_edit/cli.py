@@ -5,6 +5,7 @@
     msa-edit validate RECIPE.yaml [--set key=value ...]
     msa-edit {analyze,plan,edit,evaluate,export} RECIPE.yaml --out DIR [--set key=value ...]
     msa-edit tiny-moe --text LANG=FILE [--text LANG=FILE ...] --out DIR [--steps N] [--seed N]
+                                              [--family mixtral|olmoe]
     msa-edit example [--players 10] [--budget 200] [--method auto] [--seed 0]
 
 `run` carries out a recipe end to end into a run directory (shapley.json, plan.json, eval.json,
@@ -15,9 +16,9 @@ without loading a model.
 
 `example` estimates the Shapley values of a small trained MLP's hidden units (lesion = unit output
 zeroed, value = mean log-likelihood of the true class) within a budget and checks them against exact
-enumeration. `tiny-moe` trains a small Mixtral-architecture model on text files (one sentence a
-line, one file per language) into a Hugging Face model directory, bit-identical for the same files,
-steps and seed. Errors print one line and exit with status 2.
+enumeration. `tiny-moe` trains a small Mixtral-architecture model (OLMoE with `--family olmoe`) on
+text files (one sentence a line, one file per language) into a Hugging Face model directory,
+bit-identical for the same files, steps and seed. Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from msa_edit.shapley import METHODS, estimate
 from msa_edit.shapley.exact import EXACT_MAX_PLAYERS
 from msa_edit.shapley.toys import mlp_game
 from msa_edit.tiny_moe import (
+    DEFAULT_FAMILY,
+    FAMILIES,
     TinyMoeConfig,
     build_tiny_moe,
     parse_text_args,
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     example.add_argument("--method", choices=METHODS, default="auto")
     example.add_argument("--seed", type=int, default=0)
     tiny = commands.add_parser(
-        "tiny-moe", help="train a tiny Mixtral-architecture model on text files (reproducible)"
+        "tiny-moe", help="train a tiny MoE (Mixtral or OLMoE) on text files (reproducible)"
     )
     tiny.add_argument(
         "--text", action="append", default=[], metavar="LANG=FILE",
@@ -79,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"training steps (default {TinyMoeConfig.steps})",
     )  # fmt: skip
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument(
+        "--family", choices=FAMILIES, default=DEFAULT_FAMILY,
+        help=f"model family (default {DEFAULT_FAMILY})",
+    )  # fmt: skip
     return parser
 
 
@@ -106,7 +113,7 @@ def _run_arguments(parser: argparse.ArgumentParser, recipe: bool = True) -> None
     _set_argument(parser)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Turn off transformers' and datasets' own progress bars and info logs; ours stay."""
     import datasets
     from transformers.utils import logging as hf_logging
@@ -119,7 +126,7 @@ def _quiet_libraries() -> None:
 
 def run_recipe(command: str, recipe: Recipe, out: Path) -> Path | None:
     """Run a whole recipe (`run`) or one stage of it against the run directory `out`."""
-    _quiet_libraries()
+    quiet_libraries()
     if command == "run":
         return runner.run(recipe, out)
     if command == "analyze":
@@ -150,10 +157,13 @@ def run_validate(path: str, overrides: Sequence[str]) -> None:
     )
 
 
-def run_tiny_moe(texts: Sequence[str], out: str, steps: int | None, seed: int) -> Path:
-    """Train (or reuse) a tiny Mixtral into `out` and print what it learned."""
+def run_tiny_moe(
+    texts: Sequence[str], out: str, steps: int | None, seed: int, family: str = DEFAULT_FAMILY
+) -> Path:
+    """Train (or reuse) a tiny MoE of `family` into `out` and print what it learned."""
     start = time.perf_counter()
-    path = build_tiny_moe(parse_text_args(texts), Path(out), steps=steps, seed=seed)
+    config = TinyMoeConfig(family=family)
+    path = build_tiny_moe(parse_text_args(texts), Path(out), steps=steps, seed=seed, config=config)
     meta = read_meta(path)
     assert meta is not None
     seconds = time.perf_counter() - start
@@ -213,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "example":
             run_example(args.players, args.budget, args.method, args.seed)
         elif args.command == "tiny-moe":
-            run_tiny_moe(args.text, args.out, args.steps, args.seed)
+            run_tiny_moe(args.text, args.out, args.steps, args.seed, args.family)
     except MsaEditError as exc:
         print(f"msa-edit: error: {exc}", file=sys.stderr)
         return 2

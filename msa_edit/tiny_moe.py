@@ -1,14 +1,18 @@
-"""A tiny Mixtral-architecture language model trained on a few languages, reproducibly.
+"""A tiny mixture-of-experts language model trained on a few languages, reproducibly.
 
     msa-edit tiny-moe --text en=en.txt --text de=de.txt --out tiny-moe [--steps N] [--seed N]
+                      [--family mixtral|olmoe]
 
 `build_tiny_moe` trains a byte-level BPE tokenizer and a small `MixtralForCausalLM` (4 layers,
 8 experts, top-2 by default; about 3.5 M parameters) on text files, one sentence a line, and
 writes a Hugging Face model directory that loads with plain `AutoModelForCausalLM` /
-`AutoTokenizer.from_pretrained` (no custom code). The same files, steps, seed and config give the
-same bits (on the same torch build and CPU kind), whatever the order of the languages and the
-caller's thread count: training runs by steps, on one thread, with deterministic algorithms;
-batches come from a `torch.Generator` seeded by `seed`; the global RNG is left untouched.
+`AutoTokenizer.from_pretrained` (no custom code). `TinyMoeConfig(family="olmoe")` trains an
+`OlmoeForCausalLM` of the same size on the same text with the same loop instead (a second MoE
+family: query/key norms, top-k weights not renormalised, as in OLMoE-1B-7B). The same files,
+steps, seed and config give the same bits (on the same torch build and CPU kind), whatever the
+order of the languages and the caller's thread count: training runs by steps, on one thread,
+with deterministic algorithms; batches come from a `torch.Generator` seeded by `seed`; the global
+RNG is left untouched.
 
 The last `heldout_fraction` of each file's lines is held out (saved as `DIR/heldout/{lang}.txt`)
 and never trained on; `DIR/tiny_moe.json` records languages, files and their sha256, config,
@@ -40,6 +44,9 @@ from msa_edit.errors import MsaEditError
 
 FORMAT = "msa_edit.tiny_moe"
 FORMAT_VERSION = 1
+FAMILIES = ("mixtral", "olmoe")
+"""Model families `TinyMoeConfig.family` can build (Hugging Face `model_type`s)."""
+DEFAULT_FAMILY = "mixtral"
 META_FILE = "tiny_moe.json"
 HELDOUT_DIR = "heldout"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
@@ -49,7 +56,7 @@ N_BYTES = 256  # byte-level BPE starts from the 256 byte symbols
 
 @dataclass(frozen=True)
 class TinyMoeConfig:
-    """Model size and training knobs of a tiny Mixtral; validates itself.
+    """Model family, size and training knobs of a tiny MoE; validates itself.
 
     The defaults give a 4-layer, 8-expert (top-2) model of 3.53 M parameters (3.02 M outside
     the tied embedding) that trains on the six UD languages in about five minutes (one thread).
@@ -59,6 +66,8 @@ class TinyMoeConfig:
     >>> TinyMoeConfig(top_k=9)
     Traceback (most recent call last):
     msa_edit.errors.MsaEditError: top_k=9 must be between 1 and experts=8
+    >>> TinyMoeConfig(family="olmoe").hf_config(4000).model_type
+    'olmoe'
     """
 
     layers: int = 4
@@ -77,8 +86,13 @@ class TinyMoeConfig:
     heldout_fraction: float = 0.1
     steps: int = 800
     seed: int = 0
+    family: str = DEFAULT_FAMILY
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise MsaEditError(
+                f"family={self.family!r} is not one of {', '.join(FAMILIES)}; pick one of them"
+            )
         positive = ("layers", "experts", "hidden", "intermediate", "heads", "seq_len", "batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -102,13 +116,36 @@ class TinyMoeConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict; `TinyMoeConfig(**d)` reads it back.
 
+        The default family is left out, so Mixtral builds keep the cache keys and metadata they
+        had before families existed.
+
         >>> TinyMoeConfig(**TinyMoeConfig(seed=3).to_dict()) == TinyMoeConfig(seed=3)
         True
+        >>> "family" in TinyMoeConfig().to_dict(), TinyMoeConfig(family="olmoe").to_dict()["family"]
+        (False, 'olmoe')
         """
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if self.family == DEFAULT_FAMILY:
+            del out["family"]
+        return out
+
+    def hf_config(self, vocab_size: int) -> Any:
+        """The `transformers` config of this model (its `family`) for a tokenizer of `vocab_size`.
+
+        >>> TinyMoeConfig().hf_config(4000).num_local_experts
+        8
+        """
+        if self.family == "olmoe":
+            from transformers import OlmoeConfig
+
+            return OlmoeConfig(
+                **self._common(vocab_size), num_experts=self.experts, norm_topk_prob=False
+            )
+        return self.mixtral_config(vocab_size)
 
     def mixtral_config(self, vocab_size: int) -> Any:
-        """The `transformers.MixtralConfig` of this model for a tokenizer of `vocab_size`.
+        """The `transformers.MixtralConfig` of this size for a tokenizer of `vocab_size`
+        (whatever `family` says; `hf_config` follows it).
 
         >>> TinyMoeConfig().mixtral_config(4000).num_local_experts
         8
@@ -116,13 +153,20 @@ class TinyMoeConfig:
         from transformers import MixtralConfig
 
         return MixtralConfig(
+            **self._common(vocab_size),
+            num_local_experts=self.experts,
+            router_jitter_noise=0.0,
+        )
+
+    def _common(self, vocab_size: int) -> dict[str, Any]:
+        """Config arguments every family shares."""
+        return dict(
             vocab_size=vocab_size,
             hidden_size=self.hidden,
             intermediate_size=self.intermediate,
             num_hidden_layers=self.layers,
             num_attention_heads=self.heads,
             num_key_value_heads=self.heads,
-            num_local_experts=self.experts,
             num_experts_per_tok=self.top_k,
             max_position_embeddings=self.seq_len,
             tie_word_embeddings=True,
@@ -130,7 +174,6 @@ class TinyMoeConfig:
             bos_token_id=BOS_ID,
             eos_token_id=EOS_ID,
             router_aux_loss_coef=self.aux_loss_coef,
-            router_jitter_noise=0.0,
             attention_dropout=0.0,
         )
 
@@ -468,12 +511,13 @@ def _no_transformers_bars() -> Iterator[None]:
 
 
 def _new_model(config: TinyMoeConfig, vocab_size: int) -> Any:
-    """A freshly initialised `MixtralForCausalLM` (call under `_reproducible`)."""
-    from transformers import MixtralForCausalLM
+    """A freshly initialised causal LM of the config's family (call under `_reproducible`)."""
+    from transformers import MixtralForCausalLM, OlmoeForCausalLM
 
-    mixtral = config.mixtral_config(vocab_size)
-    mixtral._experts_implementation = "eager"  # the reference loop, not a fused kernel
-    return MixtralForCausalLM(mixtral)
+    hf_config = config.hf_config(vocab_size)
+    hf_config._experts_implementation = "eager"  # the reference loop, not a fused kernel
+    model_class = OlmoeForCausalLM if config.family == "olmoe" else MixtralForCausalLM
+    return model_class(hf_config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +604,7 @@ def build_tiny_moe(
     seed: int | None = None,
     config: TinyMoeConfig | None = None,
 ) -> Path:
-    """Train a tiny Mixtral on `texts` (language -> file, one sentence a line); return its dir.
+    """Train a tiny MoE on `texts` (language -> file, one sentence a line); return its dir.
 
     `steps` and `seed` override `config`'s. With `out`, the model is written there (an `out`
     that already holds this exact build is returned as is; another tiny-moe build there is

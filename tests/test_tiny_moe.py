@@ -1,4 +1,5 @@
-"""`tiny-moe`: reproducible bits, plain HF reload, learning, cache reuse, atomic writes, CLI errors.
+"""`tiny-moe`: reproducible bits, plain HF reload, learning, cache reuse, atomic writes, CLI errors,
+the second (OLMoE) family.
 
 Small models (2 layers, 4 experts, hidden 32) trained for 30 steps on the first 250 lines of three
 languages keep the file fast; the default size is exercised only by the CLI test, for 2 steps.
@@ -6,6 +7,7 @@ languages keep the file fast; the default size is exercised only by the CLI test
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -16,8 +18,11 @@ from tiny_models import write_texts
 
 import msa_edit.tiny_moe as tm
 from msa_edit.cli import main
+from msa_edit.edit import remove_experts
 from msa_edit.errors import MsaEditError
-from msa_edit.tiny_moe import TinyMoeConfig, build_tiny_moe, routing_by_language
+from msa_edit.lesions import lesioned
+from msa_edit.tiny_moe import TinyMoeConfig, build_key, build_tiny_moe, routing_by_language
+from msa_edit.units import select
 
 LANGS = ("en", "de", "ru")
 SMALL = TinyMoeConfig(
@@ -162,6 +167,43 @@ def test_refuses_to_overwrite_foreign_dir(texts, tmp_path) -> None:
     assert (tmp_path / "keep.txt").read_text() == "precious"
 
 
+def test_default_family_keeps_its_cache_key() -> None:
+    """Adding families must not invalidate Mixtral builds cached before families existed."""
+    assert "family" not in TinyMoeConfig().to_dict()
+    key = build_key({"en": "00"}, TinyMoeConfig())
+    assert key == "32111f5df5622fd77124b87fa6368583e6091f241ea54089bddaf021a9020785"
+    assert build_key({"en": "00"}, TinyMoeConfig(family="olmoe")) != key
+    with pytest.raises(MsaEditError, match="family='gpt2' is not one of mixtral, olmoe"):
+        TinyMoeConfig(family="gpt2")
+
+
+def test_olmoe_family_reloads_and_its_reroute_lesion_is_the_edit(texts, tmp_path) -> None:
+    """The second family trains with the same loop, reloads with plain HF classes, and removing
+    experts from it (router not renormalised) equals their reroute lesion."""
+    from transformers import OlmoeForCausalLM
+
+    small = TinyMoeConfig(**{**SMALL.to_dict(), "steps": 8, "family": "olmoe"})
+    path = build_tiny_moe(texts, tmp_path / "m", config=small)
+    model, tokenizer, meta = tm.load_tiny_moe(path)
+    assert meta["config"]["family"] == "olmoe"
+    assert meta["final_train_loss"] < meta["first_train_loss"]
+    assert isinstance(model, OlmoeForCausalLM) and model.config.model_type == "olmoe"
+    assert model.config.num_experts == 4 and not model.config.norm_topk_prob
+    units = select(model, "layers.*.experts.*")
+    assert [str(u) for u in units] == [f"layers.{i}.experts.{e}" for i in (0, 1) for e in range(4)]
+    ids = tm.windows(tm.token_stream(tokenizer, tm.heldout_texts(path)["en"]), 32)
+    removed = [units[1], units[6]]
+    with torch.no_grad():
+        intact = model(ids).logits
+        with lesioned(model, removed, "reroute"):
+            expected = model(ids).logits
+        edited = copy.deepcopy(model)
+        remove_experts(edited, removed)
+        got = edited(ids).logits
+    assert edited.config.num_experts == 3
+    assert (got - expected).abs().max() < 1e-4 < (expected - intact).abs().max()
+
+
 def test_cli_trains_default_size_then_reuses(texts, tmp_path, capsys) -> None:
     out = tmp_path / "model"
     args = ["tiny-moe", "--out", str(out), "--steps", "2", "--seed", "5"]
@@ -174,6 +216,14 @@ def test_cli_trains_default_size_then_reuses(texts, tmp_path, capsys) -> None:
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert main(args) == 0
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_cli_family_olmoe(texts, tmp_path) -> None:
+    out = tmp_path / "model"
+    args = ["tiny-moe", "--out", str(out), "--steps", "1", "--family", "olmoe"]
+    assert main([*args, "--text", f"en={texts['en']}"]) == 0
+    assert meta_of(out)["config"] == {**TinyMoeConfig(family="olmoe").to_dict(), "steps": 1}
+    assert json.loads((out / "config.json").read_text())["model_type"] == "olmoe"
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,8 @@ from msa_edit.plan import Plan, make_plan
 from msa_edit.quantize import load_quantized
 from msa_edit.recipes.schema import ModelStage, Recipe
 from msa_edit.shapley import ShapleyResult, estimate
+from msa_edit.shapley.cache import checkpoint_size
+from msa_edit.shapley.ray_backend import RayBackend
 from msa_edit.tiny_moe import HELDOUT_DIR, build_tiny_moe
 from msa_edit.units import Unit, select
 
@@ -218,16 +220,38 @@ def load_targets(recipe: Recipe, tokenizer: Any) -> Targets:
     )
 
 
-class _Counted:
-    """A game that counts the coalitions this process evaluates (the rest: from a checkpoint)."""
+def lesion_game(
+    recipe: Recipe, model: PreTrainedModel, units: list[Unit], targets: Targets
+) -> LesionGame:
+    """The recipe's lesion game on `model`: its units, targets, objective and lesion."""
+    objective: Objective = MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
+    lesion = recipe.lesion
+    means = unit_means(model, units, targets.input_ids) if lesion.kind == "mean" else None
+    return LesionGame(
+        model, units, targets, objective, lesion.kind,  # type: ignore[arg-type]
+        alpha=lesion.alpha, means=means, max_rows=recipe.estimator.rows_per_forward,
+    )  # fmt: skip
 
-    def __init__(self, game: LesionGame) -> None:
-        self.game = game
-        self.coalitions = 0
 
-    def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
-        self.coalitions += int(coalitions.shape[0])
-        return self.game(coalitions)
+@dataclass(frozen=True)
+class RecipeGame:
+    """The recipe's lesion game as a picklable `GameSpec`: `build()` loads the model from
+    `folder` (4/8-bit as the recipe says) and the target data where it runs, so each Ray worker
+    holds its own replica. `folder` and the data paths must be visible there.
+
+    >>> # estimate(RecipeGame(recipe, "path/to/model"), n_units, backend="ray", workers=4)
+    """
+
+    recipe: Recipe
+    folder: str
+
+    def build(self) -> LesionGame:
+        stage = self.recipe.model
+        loaded = _load(self.folder, stage, stage.bits, name=stage.name)
+        units = select(loaded.model, list(self.recipe.units))
+        return lesion_game(
+            self.recipe, loaded.model, units, load_targets(self.recipe, loaded.tokenizer)
+        )
 
 
 def _game_key(recipe: Recipe, units: list[Unit]) -> dict[str, Any]:
@@ -267,15 +291,6 @@ def analyze(
     loaded = loaded or load_model(recipe.model, say=say)
     units = select(loaded.model, list(recipe.units))
     targets = load_targets(recipe, loaded.tokenizer)
-    objective: Objective = MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
-    lesion = recipe.lesion
-    means = unit_means(loaded.model, units, targets.input_ids) if lesion.kind == "mean" else None
-    game = _Counted(
-        LesionGame(
-            loaded.model, units, targets, objective, lesion.kind,  # type: ignore[arg-type]
-            alpha=lesion.alpha, means=means, max_rows=recipe.estimator.rows_per_forward,
-        )
-    )  # fmt: skip
     est = recipe.estimator
     key = _game_key(recipe, units)
     _check_checkpoint(recipe, out, key)
@@ -283,14 +298,23 @@ def analyze(
     checkpoint, key_path = _checkpoint(recipe, out)
     write_json(key_path, key)
     say(f"analyze: {len(units)} units x {len(targets.names)} target sets ({targets.n_rows} rows)")
+    game: LesionGame | RecipeGame
+    backend: RayBackend | str
+    if est.backend == "ray":
+        game, backend = RecipeGame(recipe, loaded.folder), est.ray_backend()
+        say(f"analyze: on Ray, each worker loads {loaded.folder}")
+    else:
+        game, backend = lesion_game(recipe, loaded.model, units, targets), "local"
+    stored = checkpoint_size(checkpoint)
     result = estimate(
         game, len(units), est.method, est.budget, est.seed, est.batch_size,
         tol=est.tol, topk=est.topk, checkpoint=checkpoint, checkpoint_every=est.checkpoint_every,
+        backend=backend,
     )  # fmt: skip
-    resumed = result.n_evaluations - game.coalitions
+    now = checkpoint_size(checkpoint) - stored
     say(
         f"analyze: {result.method}, {result.n_evaluations} coalitions "
-        f"({game.coalitions} evaluated now, {resumed} from the checkpoint), "
+        f"({now} evaluated now, {result.n_evaluations - now} from the checkpoint), "
         f"stopped: {result.stopped}"
     )
     if result.values.dim() > 2 or recipe.targets.objective != "mean_nll":

@@ -41,6 +41,7 @@ from msa_edit.errors import MsaEditError
 from msa_edit.lesions import LESION_KINDS
 from msa_edit.plan import Action, Budget, Mode
 from msa_edit.shapley.estimate import METHODS
+from msa_edit.shapley.ray_backend import RayBackend
 from msa_edit.units import Unit
 
 __all__ = [
@@ -76,6 +77,11 @@ class _At(ValueError):
 def _bitsandbytes_available() -> bool:
     """Whether `bitsandbytes` can be imported (checked without importing it)."""
     return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _ray_available() -> bool:
+    """Whether `ray` can be imported (checked without importing it)."""
+    return importlib.util.find_spec("ray") is not None
 
 
 def _check_unit_pattern(pattern: str) -> str:
@@ -264,7 +270,11 @@ class LesionStage(_Stage):
 
 
 class EstimatorStage(_Stage):
-    """Arguments of `msa_edit.shapley.estimate` (see its docstring)."""
+    """Arguments of `msa_edit.shapley.estimate` (see its docstring).
+
+    `backend: ray` spreads the coalitions over Ray workers, each loading the model itself;
+    `workers`, `cpus_per_worker` and `gpus_per_worker` are `RayBackend`'s fields.
+    """
 
     method: str = "auto"
     budget: PosInt | None = None
@@ -275,6 +285,10 @@ class EstimatorStage(_Stage):
     topk: PosInt | None = None
     checkpoint: str | None = None
     checkpoint_every: Annotated[float, Field(ge=0)] = 30.0
+    backend: Literal["local", "ray"] = "local"
+    workers: PosInt | None = None
+    cpus_per_worker: PosInt = 1
+    gpus_per_worker: Annotated[float, Field(ge=0)] | None = None
 
     @field_validator("method")
     @classmethod
@@ -282,6 +296,31 @@ class EstimatorStage(_Stage):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         return method
+
+    @field_validator("backend")
+    @classmethod
+    def _ray_installed(cls, backend: str) -> str:
+        if backend == "ray" and not _ray_available():
+            raise ValueError(
+                'backend ray needs ray, which is not installed; pip install "msa-edit[ray]"'
+            )
+        return backend
+
+    @model_validator(mode="after")
+    def _workers_for_ray(self) -> EstimatorStage:
+        if self.backend == "local":
+            for key in ("workers", "cpus_per_worker", "gpus_per_worker"):
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise _At((key,), "only used with backend 'ray' (backend is 'local')")
+        return self
+
+    def ray_backend(self) -> RayBackend:
+        """The `RayBackend` these fields describe.
+
+        >>> EstimatorStage(backend="ray", workers=4, gpus_per_worker=1).ray_backend().workers
+        4
+        """
+        return RayBackend(self.workers, self.cpus_per_worker, self.gpus_per_worker)
 
 
 class PlanStage(_Stage):

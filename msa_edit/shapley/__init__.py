@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
-from msa_edit.shapley.cache import CoalitionCache, Game, check_coalitions
+from msa_edit.shapley.cache import CoalitionCache, Game, GameSpec, check_coalitions
 from msa_edit.shapley.estimate import METHODS, estimate, resolve_method
 from msa_edit.shapley.interaction import interactions
+from msa_edit.shapley.ray_backend import RayBackend, RayPool
 from msa_edit.shapley.result import InteractionResult, ShapleyResult, TracePoint
 from msa_edit.shapley.sampling import sample_permutations
 
@@ -20,7 +21,10 @@ __all__ = [
     "METHODS",
     "CoalitionCache",
     "Game",
+    "GameSpec",
     "InteractionResult",
+    "RayBackend",
+    "RayPool",
     "ShapleyResult",
     "TracePoint",
     "check_coalitions",

@@ -3,15 +3,18 @@
 A coalition is a row of a `torch.bool` mask (True = unit intact). The cache keys rows by their
 packed bitmask, calls the game on the missing rows `batch_size` at a time, validates what comes
 back, and (optionally) writes itself atomically to a checkpoint file so a killed run loses nothing
-it stored.
+it stored. The batches run in this process, or in a `BatchPool` (e.g. Ray workers) that returns
+their values in order; either way the batches, and hence the stored values, are the same.
 """
 
 from __future__ import annotations
 
+import abc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -23,6 +26,43 @@ Game = Callable[[torch.Tensor], torch.Tensor]
 """A game maps coalitions `bool [B, n]` (True = intact) to values `float [B, *output_shape]`."""
 
 CHECKPOINT_VERSION = 1
+
+
+@runtime_checkable
+class GameSpec(Protocol):
+    """A picklable recipe for a game: `build()` makes the game where it runs (e.g. loads the model
+    from a path), so another process or machine can hold its own copy.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class Count:
+    ...     def build(self) -> Game:
+    ...         return lambda c: c.sum(1).double()
+    >>> isinstance(Count(), GameSpec), Count().build()(torch.ones(1, 3, dtype=torch.bool)).item()
+    (True, 3.0)
+    """
+
+    def build(self) -> Game:
+        """The game, ready to evaluate coalitions."""
+        ...
+
+
+class BatchPool(abc.ABC):
+    """Evaluates batches of coalitions somewhere else (e.g. `ray_backend.RayPool`)."""
+
+    @abc.abstractmethod
+    def map(self, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The game's output for each of `batches` (`bool [B_i, n]`), in the order given."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the workers."""
+
+    def __enter__(self) -> BatchPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def check_coalitions(coalitions: torch.Tensor, n_players: int) -> None:
@@ -67,6 +107,15 @@ def unpack_keys(keys: np.ndarray, n_players: int) -> torch.Tensor:
     return torch.from_numpy(bits)
 
 
+def checkpoint_size(path: str | os.PathLike[str]) -> int:
+    """Coalitions stored in the checkpoint at `path`: 0 when there is none (or it is unreadable,
+    which the cache reports when it opens it)."""
+    try:
+        return len(torch.load(Path(path), weights_only=True, mmap=True)["keys"])
+    except Exception:
+        return 0
+
+
 class CoalitionCache:
     """Values of the coalitions seen so far, keyed by bitmask; evaluates misses in batches.
 
@@ -80,7 +129,7 @@ class CoalitionCache:
 
     def __init__(
         self,
-        game: Game,
+        game: Game | BatchPool,
         n_players: int,
         batch_size: int = 64,
         checkpoint: str | os.PathLike[str] | None = None,
@@ -135,9 +184,12 @@ class CoalitionCache:
             if key not in self._index and key not in missing:
                 missing[key] = row
         rows = list(missing.values())
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
-            self._evaluate(coalitions[chunk], [keys[r] for r in chunk])
+        chunks = [
+            rows[start : start + self.batch_size] for start in range(0, len(rows), self.batch_size)
+        ]
+        batches = [coalitions[chunk] for chunk in chunks]
+        for chunk, batch, out in zip(chunks, batches, self._map(batches), strict=True):
+            self._store(batch, [keys[r] for r in chunk], out)
         assert self._values is not None
         idx = torch.tensor([self._index[k] for k in keys], dtype=torch.long)
         return self._values[idx].double()
@@ -148,9 +200,16 @@ class CoalitionCache:
         idx = torch.tensor([self._index[k] for k in keys], dtype=torch.long)
         return self._values[idx].double()
 
-    def _evaluate(self, coalitions: torch.Tensor, keys: list[bytes]) -> None:
-        out = self.game(coalitions.clone())
+    def _map(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The game's output per batch, in order: from the pool, or computed here one by one."""
+        if isinstance(self.game, BatchPool):
+            return self.game.map(batches)
+        game = self.game
+        return (game(batch.clone()) for batch in batches)
+
+    def _store(self, coalitions: torch.Tensor, keys: list[bytes], out: object) -> None:
         self._check_output(out, coalitions)
+        assert isinstance(out, torch.Tensor)
         out = out.detach().to("cpu")
         self._append(keys, out)
         self.n_game_rows += len(keys)

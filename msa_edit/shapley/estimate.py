@@ -8,13 +8,15 @@ from typing import Protocol
 import torch
 
 from msa_edit.errors import MsaEditError
-from msa_edit.shapley.cache import CoalitionCache, Game, as_rows, pack_keys
+from msa_edit.shapley.cache import BatchPool, CoalitionCache, Game, GameSpec, as_rows, pack_keys
 from msa_edit.shapley.exact import CHUNK, EXACT_MAX_PLAYERS, accumulate_exact, all_coalitions
 from msa_edit.shapley.kernel import KernelSampler
+from msa_edit.shapley.ray_backend import RayBackend, RayPool
 from msa_edit.shapley.result import ShapleyResult, TracePoint
 from msa_edit.shapley.sampling import PermutationSampler
 
 METHODS = ("auto", "exact", "permutation", "antithetic", "kernel")
+BACKENDS = ("local", "ray")
 AUTO_EXACT_MAX_PLAYERS = 10
 """`auto` without a budget enumerates exactly up to this many players (2^10 = 1024 coalitions)."""
 FIRST_ROUND = 16
@@ -89,9 +91,10 @@ def _check_args(
     tol: float | None,
     topk: int | None,
 ) -> None:
-    if not callable(game):
+    if not (callable(game) or isinstance(game, (GameSpec, BatchPool))):
         raise MsaEditError(
-            f"game must be callable (bool [B, n] -> float [B, ...]); got {type(game).__name__}"
+            "game must be callable (bool [B, n] -> float [B, ...]), a GameSpec or a RayPool; "
+            f"got {type(game).__name__}"
         )
     if isinstance(n_players, bool) or not isinstance(n_players, int) or n_players < 1:
         raise MsaEditError(f"n_players must be an int >= 1, got {n_players!r}")
@@ -133,8 +136,32 @@ def _check_budget(method: str, n_players: int, budget: int | None) -> None:
         )
 
 
+def _evaluator(
+    game: Game | GameSpec | BatchPool, backend: str | RayBackend, workers: int | None
+) -> Game | BatchPool:
+    """The game to call here (`backend="local"`), or the Ray workers that evaluate it."""
+    if isinstance(backend, str) and backend not in BACKENDS:
+        raise MsaEditError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if isinstance(game, BatchPool):
+        if backend != "local" or workers is not None:
+            raise MsaEditError("a RayPool has its workers already; leave backend and workers unset")
+        return game
+    if backend == "local":
+        if workers is not None:
+            raise MsaEditError(f"workers={workers} is only used with backend='ray'")
+        return game.build() if isinstance(game, GameSpec) else game
+    if isinstance(backend, RayBackend):
+        if workers is not None:
+            raise MsaEditError("give workers in RayBackend(...) or with backend='ray', not both")
+    elif backend == "ray":
+        backend = RayBackend(workers=workers)
+    else:
+        raise MsaEditError(f"backend must be 'local', 'ray' or a RayBackend, got {backend!r}")
+    return RayPool(game, backend)
+
+
 def estimate(
-    game: Game,
+    game: Game | GameSpec | BatchPool,
     n_players: int,
     method: str = "auto",
     budget: int | None = None,
@@ -146,6 +173,8 @@ def estimate(
     checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: float = 60.0,
     progress: bool | None = None,
+    backend: str | RayBackend = "local",
+    workers: int | None = None,
 ) -> ShapleyResult:
     """Shapley values of every player of `game`, shaped like the game's output (Shapley modes).
 
@@ -156,6 +185,14 @@ def estimate(
     every `checkpoint_every` seconds, atomically) and a rerun with the same arguments resumes
     without re-evaluating them and returns the same bits. `progress=None` shows a bar only on a
     terminal.
+
+    `game` may also be a `GameSpec`, whose `build()` makes the game. `backend="ray"` evaluates
+    the batches on `workers` Ray actors (a `RayBackend` sets their resources), each holding the
+    game built from the spec (a plain game is pickled to each of them); this process keeps the
+    sampler, the cache and the checkpoint, a dead worker's batch is retried on a fresh one, and
+    the values are bit-identical to a local run on the same hardware. A `RayPool` passed as
+    `game` is used as it is and left open, so several runs share workers that loaded the model
+    once. See `ray_backend`.
 
     >>> glove = lambda c: torch.minimum(c[:, 0], c[:, 1:].sum(1)).double()
     >>> res = estimate(glove, 3, method="exact", progress=False)
@@ -169,20 +206,25 @@ def estimate(
     if resolved != "exact" and budget is None and not adaptive:
         budget = default_budget(n_players)
     total = 1 << n_players if resolved == "exact" else budget
-    cache = CoalitionCache(
-        game, n_players, batch_size, checkpoint, checkpoint_every, progress, total
-    )
+    evaluator = _evaluator(game, backend, workers)
     try:
-        if resolved == "exact":
-            return _exact(cache, n_players, seed, budget)
-        sampler: Sampler
-        if resolved == "kernel":
-            sampler = KernelSampler(n_players, seed, budget or default_budget(n_players))
-        else:
-            sampler = PermutationSampler(n_players, seed, antithetic=resolved == "antithetic")
-        return _sampled(sampler, resolved, cache, n_players, seed, budget, tol, topk)
+        cache = CoalitionCache(
+            evaluator, n_players, batch_size, checkpoint, checkpoint_every, progress, total
+        )
+        try:
+            if resolved == "exact":
+                return _exact(cache, n_players, seed, budget)
+            sampler: Sampler
+            if resolved == "kernel":
+                sampler = KernelSampler(n_players, seed, budget or default_budget(n_players))
+            else:
+                sampler = PermutationSampler(n_players, seed, antithetic=resolved == "antithetic")
+            return _sampled(sampler, resolved, cache, n_players, seed, budget, tol, topk)
+        finally:
+            cache.close()
     finally:
-        cache.close()
+        if isinstance(evaluator, BatchPool) and evaluator is not game:
+            evaluator.close()
 
 
 def _exact(cache: CoalitionCache, n: int, seed: int, budget: int | None) -> ShapleyResult:

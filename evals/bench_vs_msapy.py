@@ -1,0 +1,262 @@
+"""msa_edit vs msapy on the same model games: wall time and model evaluations at equal accuracy.
+
+Two lesion games, both valued by the per-language mean next-token NLL (a Shapley mode of shape
+[6]: en, de, fr, es, ru, zh) on held-out text, `reroute` lesions for experts:
+
+* `moe-experts`: the demo's tiny multilingual MoE (4 layers x 8 experts, top-2), its 32 experts;
+* `dense-heads`: a dense 3-layer tiny transformer trained on the same text, its 12 heads.
+
+The reference is exact enumeration where it fits (12 heads: 4096 coalitions) and otherwise
+`estimate(method="kernel")` at a high budget (its stderr is printed; it is several times below the
+errors compared). Then, over the same seeds, with the same game object and torch threads:
+
+* msapy 1.7.3 `msa.interface` (lazy, serial: one coalition per call) with P permutations;
+* `estimate(method="auto", budget=b, batch_size=8)`;
+
+each cell's wall time, distinct coalitions evaluated and RMSE vs the reference (over players,
+languages and seeds). The equal-accuracy table pairs every msapy cell with the cheapest `auto`
+budget whose RMSE is at most msapy's, and prints the wall-time and evaluation ratios
+(goal: >= 10x less wall time). If msapy's error times sqrt(P) stays flat, msapy converges to the
+same reference, so the reference is not biased towards our estimator.
+
+Writes evals/results/bench_vs_msapy.json. Run from the repository root (models are trained and
+cached on the first run, a few minutes more):
+
+    python evals/bench_vs_msapy.py           # 3 seeds, about 8 minutes on 2 cores
+    python evals/bench_vs_msapy.py --quick   # 1 seed, fewer cells, under 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from typing import Any
+
+import numpy as np
+import torch
+from benchlib import language_game, language_table, markdown, rmse, run_msapy, save_results
+
+from msa_edit.games import LesionGame
+from msa_edit.shapley import estimate
+
+
+@dataclass(frozen=True)
+class GameSpec:
+    """One benchmark game and the cells measured on it."""
+
+    name: str
+    model: str
+    units: str
+    permutations: tuple[int, ...]
+    budgets: tuple[int, ...]
+    reference_budget: int | None
+    """None: exact enumeration."""
+
+
+FULL = (
+    GameSpec(
+        "moe-experts",
+        "moe",
+        "layers.*.experts.*",
+        (10, 25, 50, 100),
+        (66, 96, 128, 192, 256, 384, 512, 1024),
+        8192,
+    ),
+    GameSpec(
+        "dense-heads",
+        "dense",
+        "layers.*.heads.*",
+        (10, 25, 50, 100),
+        (26, 40, 64, 128, 256, 512),
+        None,
+    ),
+)  # fmt: skip
+QUICK = (
+    GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25), (66, 128, 256), 2048),
+    GameSpec("dense-heads", "dense", "layers.*.heads.*", (10, 25), (26, 64, 128), None),
+)
+N_SEQ, SEQ_LEN = 2, 32
+BATCH = 8
+GOAL = 10.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One estimator setting averaged over the seeds."""
+
+    estimator: str
+    size: int
+    seconds: float
+    distinct: float
+    calls: float
+    rmse: float
+
+
+def reference(spec: GameSpec, game: LesionGame) -> tuple[np.ndarray, float, float]:
+    """Reference values, the largest stderr and the seconds it took."""
+    start = time.perf_counter()
+    if spec.reference_budget is None:  # exact, from the (cached) table of all coalitions
+        table = language_table(spec.model, spec.units, N_SEQ, SEQ_LEN)
+        res = estimate(table, game.n_players, method="exact", progress=False)
+    else:
+        res = estimate(
+            game, game.n_players, "kernel", spec.reference_budget, 0, BATCH, progress=True
+        )
+    return res.values.numpy(), float(res.stderr.max()), time.perf_counter() - start
+
+
+def ours(game: LesionGame, ref: np.ndarray, budget: int, seeds: range) -> Cell:
+    runs = []
+    for seed in seeds:
+        start = time.perf_counter()
+        res = estimate(game, game.n_players, "auto", budget, seed, BATCH, progress=False)
+        runs.append((time.perf_counter() - start, res.n_evaluations, res.values.numpy()))
+    return Cell(
+        estimator="auto",
+        size=budget,
+        seconds=float(np.mean([r[0] for r in runs])),
+        distinct=float(np.mean([r[1] for r in runs])),
+        calls=float(np.mean([r[1] for r in runs])),
+        rmse=rmse(np.stack([r[2] for r in runs]), ref[None]),
+    )
+
+
+def theirs(game: LesionGame, ref: np.ndarray, n_permutations: int, seeds: range) -> Cell:
+    runs = [run_msapy(game, game.n_players, tuple(ref.shape[1:]), n_permutations, s) for s in seeds]
+    return Cell(
+        estimator="msapy",
+        size=n_permutations,
+        seconds=float(np.mean([r[2] for r in runs])),
+        distinct=float(np.mean([len(r[1].seen) for r in runs])),
+        calls=float(np.mean([r[1].calls for r in runs])),
+        rmse=rmse(np.stack([r[0] for r in runs]), ref[None]),
+    )
+
+
+def equal_accuracy(msapy_cells: Sequence[Cell], auto_cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """For each msapy cell, the cheapest `auto` cell at most as wrong, and the ratios."""
+    out = []
+    for m in msapy_cells:
+        match = next(
+            (a for a in sorted(auto_cells, key=lambda c: c.size) if a.rmse <= m.rmse), None
+        )
+        out.append(
+            {
+                "msapy_permutations": m.size,
+                "msapy_rmse": m.rmse,
+                "msapy_seconds": m.seconds,
+                "msapy_distinct": m.distinct,
+                "auto_budget": None if match is None else match.size,
+                "auto_rmse": None if match is None else match.rmse,
+                "auto_seconds": None if match is None else match.seconds,
+                "wall_ratio": None if match is None else m.seconds / match.seconds,
+                "evaluation_ratio": None if match is None else m.distinct / match.distinct,
+            }
+        )
+    return out
+
+
+def bench(spec: GameSpec, seeds: range) -> dict[str, Any]:
+    game, _ = language_game(spec.model, spec.units, N_SEQ, SEQ_LEN)
+    ref, ref_se, ref_seconds = reference(spec, game)
+    msapy_cells = [theirs(game, ref, p, seeds) for p in spec.permutations]
+    auto_cells = [ours(game, ref, b, seeds) for b in spec.budgets]
+    return {
+        "game": asdict(spec),
+        "players": game.n_players,
+        "rows": game.targets.n_rows,
+        "reference": {"max_stderr": ref_se, "seconds": ref_seconds, "values": ref.tolist()},
+        "msapy": [asdict(c) for c in msapy_cells],
+        "auto": [asdict(c) for c in auto_cells],
+        "equal_accuracy": equal_accuracy(msapy_cells, auto_cells),
+    }
+
+
+def cells_table(result: dict[str, Any]) -> str:
+    rows = []
+    for c in result["msapy"]:
+        scaled = c["rmse"] * c["size"] ** 0.5
+        rows.append(
+            [f"msapy, {c['size']} perms", f"{c['calls']:.0f}", f"{c['distinct']:.0f}",
+             f"{c['rmse']:.4f}", f"{scaled:.3f}", f"{c['seconds']:.2f}"]
+        )  # fmt: skip
+    for c in result["auto"]:
+        rows.append(
+            [f"auto, budget {c['size']}", f"{c['calls']:.0f}", f"{c['distinct']:.0f}",
+             f"{c['rmse']:.4f}", "", f"{c['seconds']:.2f}"]
+        )  # fmt: skip
+    header = ["estimator", "game calls", "distinct coalitions", "RMSE", "RMSE·√P", "wall s"]
+    return markdown(header, rows)
+
+
+def ratio_table(result: dict[str, Any]) -> str:
+    rows = []
+    for h in result["equal_accuracy"]:
+        if h["auto_budget"] is None:
+            rows.append(
+                [h["msapy_permutations"], f"{h['msapy_rmse']:.4f}", "not reached", "", "", ""]
+            )
+            continue
+        rows.append(
+            [h["msapy_permutations"], f"{h['msapy_rmse']:.4f}",
+             f"{h['auto_budget']} ({h['auto_rmse']:.4f})",
+             f"{h['msapy_seconds']:.2f} / {h['auto_seconds']:.2f}",
+             f"**{h['wall_ratio']:.1f}x**", f"{h['evaluation_ratio']:.1f}x"]
+        )  # fmt: skip
+    header = ["msapy perms", "msapy RMSE", "auto budget (RMSE)", "wall s msapy / auto",
+              "less wall time", "fewer evaluations"]  # fmt: skip
+    return markdown(header, rows)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, fewer cells (< 2 min)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3)")
+    args = parser.parse_args(argv)
+    seeds = range(1, (args.seeds or (1 if args.quick else 3)) + 1)  # msapy: seed 0 = unseeded
+    torch.set_num_threads(1)  # tiny models: extra threads only add synchronisation
+    specs = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    results = {spec.name: bench(spec, seeds) for spec in specs}
+    total = time.perf_counter() - start
+    for name, res in results.items():
+        ref = res["reference"]
+        how = "exact" if res["game"]["reference_budget"] is None else (
+            f"kernel @ {res['game']['reference_budget']}"
+        )  # fmt: skip
+        print(f"\n## {name}: {res['players']} players, {res['rows']} rows x {SEQ_LEN} tokens, "
+              f"reference {how} (max stderr {ref['max_stderr']:.4f}, "
+              f"{ref['seconds']:.0f} s)\n")  # fmt: skip
+        print(cells_table(res) + "\n")
+        print(ratio_table(res))
+    best = [
+        h["wall_ratio"]
+        for r in results.values()
+        for h in r["equal_accuracy"]
+        if h["wall_ratio"] is not None
+    ]
+    print(f"\nwall-time ratio at equal accuracy: {min(best):.1f}x to {max(best):.1f}x "
+          f"(goal >= {GOAL:.0f}x); total {total:.0f} s, seeds {list(seeds)}")  # fmt: skip
+    payload = {
+        "config": {
+            "quick": args.quick,
+            "seeds": list(seeds),
+            "n_seq_per_language": N_SEQ,
+            "seq_len": SEQ_LEN,
+            "batch_size": BATCH,
+            "torch_threads": torch.get_num_threads(),
+            "msapy": version("msapy"),
+            "torch": torch.__version__,
+        },
+        "games": results,
+        "total_seconds": total,
+    }
+    save_results("bench_vs_msapy", args.quick, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
