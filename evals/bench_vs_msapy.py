@@ -1,14 +1,14 @@
 """msa_edit vs msapy on the same model games: wall time and model evaluations at equal accuracy.
 
 Two lesion games, both valued by the per-language mean next-token NLL (a Shapley mode of shape
-[6]: en, de, fr, es, ru, zh) on held-out text, `reroute` lesions for experts:
+[6]: en, de, fr, es, ru, zh) on held-out text (`reroute` lesions for experts, `zero` for heads):
 
 * `moe-experts`: the demo's tiny multilingual MoE (4 layers x 8 experts, top-2), its 32 experts;
 * `dense-heads`: a dense 3-layer tiny transformer trained on the same text, its 12 heads.
 
 The reference is exact enumeration where it fits (12 heads: 4096 coalitions) and otherwise
-`estimate(method="kernel")` at a high budget (its stderr is printed; it is several times below the
-errors compared). Then, over the same seeds, with the same game object and torch threads:
+`estimate(method="kernel")` at a high budget (its largest stderr is printed: its error adds to
+every cell's RMSE alike). Then, over the same seeds, with the same game object and torch threads:
 
 * msapy 1.7.3 `msa.interface` (lazy, serial: one coalition per call) with P permutations;
 * `estimate(method="auto", budget=b, batch_size=8)`;
@@ -19,11 +19,13 @@ budget whose RMSE is at most msapy's, and prints the wall-time and evaluation ra
 (goal: >= 10x less wall time). If msapy's error times sqrt(P) stays flat, msapy converges to the
 same reference, so the reference is not biased towards our estimator.
 
-Writes evals/results/bench_vs_msapy.json. Run from the repository root (models are trained and
-cached on the first run, a few minutes more):
+Writes evals/results/bench_vs_msapy[_quick|_thorough].json. Run from the repository root (models
+are trained and cached on the first run, a few minutes more):
 
-    python evals/bench_vs_msapy.py           # 3 seeds, about 8 minutes on 2 cores
-    python evals/bench_vs_msapy.py --quick   # 1 seed, fewer cells, under 2 minutes
+    python evals/bench_vs_msapy.py              # 2 seeds, about 9 minutes on 2 cores
+    python evals/bench_vs_msapy.py --quick      # 1 seed, fewer cells, under 2 minutes
+    python evals/bench_vs_msapy.py --thorough   # 3 seeds, msapy up to 100 permutations of the
+                                                # MoE too, reference at 8192: about 18 minutes
 """
 
 from __future__ import annotations
@@ -56,26 +58,20 @@ class GameSpec:
     """None: exact enumeration."""
 
 
+MOE_BUDGETS = (66, 96, 128, 192, 256, 384, 512, 1024)
+DENSE = GameSpec(
+    "dense-heads", "dense", "layers.*.heads.*", (10, 25, 50, 100), (26, 40, 64, 128, 256, 512), None
+)
 FULL = (
-    GameSpec(
-        "moe-experts",
-        "moe",
-        "layers.*.experts.*",
-        (10, 25, 50, 100),
-        (66, 96, 128, 192, 256, 384, 512, 1024),
-        8192,
-    ),
-    GameSpec(
-        "dense-heads",
-        "dense",
-        "layers.*.heads.*",
-        (10, 25, 50, 100),
-        (26, 40, 64, 128, 256, 512),
-        None,
-    ),
-)  # fmt: skip
+    GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25, 50), MOE_BUDGETS, 4096),
+    DENSE,
+)
+THOROUGH = (
+    GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25, 50, 100), MOE_BUDGETS, 8192),
+    DENSE,
+)
 QUICK = (
-    GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25), (66, 128, 256), 2048),
+    GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25), (66, 128, 256), 1024),
     GameSpec("dense-heads", "dense", "layers.*.heads.*", (10, 25), (26, 64, 128), None),
 )
 N_SEQ, SEQ_LEN = 2, 32
@@ -214,11 +210,15 @@ def ratio_table(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer cells (< 2 min)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 3)")
+    parser.add_argument(
+        "--thorough", action="store_true", help="3 seeds, msapy at 100 permutations (~18 min)"
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2)")
     args = parser.parse_args(argv)
-    seeds = range(1, (args.seeds or (1 if args.quick else 3)) + 1)  # msapy: seed 0 = unseeded
+    default_seeds = 1 if args.quick else 3 if args.thorough else 2
+    seeds = range(1, (args.seeds or default_seeds) + 1)  # msapy: seed 0 = unseeded
     torch.set_num_threads(1)  # tiny models: extra threads only add synchronisation
-    specs = QUICK if args.quick else FULL
+    specs = QUICK if args.quick else THOROUGH if args.thorough else FULL
     start = time.perf_counter()
     results = {spec.name: bench(spec, seeds) for spec in specs}
     total = time.perf_counter() - start
@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     payload = {
         "config": {
             "quick": args.quick,
+            "thorough": args.thorough,
             "seeds": list(seeds),
             "n_seq_per_language": N_SEQ,
             "seq_len": SEQ_LEN,
@@ -254,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "games": results,
         "total_seconds": total,
     }
-    save_results("bench_vs_msapy", args.quick, payload)
+    name = "bench_vs_msapy_thorough" if args.thorough else "bench_vs_msapy"
+    save_results(name, args.quick, payload)
     return payload
 
 
