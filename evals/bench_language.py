@@ -13,12 +13,18 @@ semantics — `reroute` (the router never picks the expert: the same model as sl
 3. held-out NLL of all six languages (16 x 64 tokens each, never trained on) with those 4 experts
    lesioned the same way, minus the intact model's.
 
+Under `reroute` it also runs the verified targeted search (`msa_edit.search.search_targeted`,
+the recipe's `plan: {method: search, mode: specific}`): at most one expert per layer, on the same
+calibration blocks (per block, half ranking moves and half checking them), every other language's
+calibration increase bounded by 2 of its standard errors, the Shapley plan (min_z 0, the demo's)
+as a prior. Its table sits beside the Shapley plans' (min_z 0 and 2) on the same held-out text.
+
 Each row of a table is one target language: its own ΔNLL (bold), the others', and the ratio of
 the target's ΔNLL to the largest other one (selectivity; higher is better). Writes
 evals/results/bench_language.json. Run from the repository root:
 
     python evals/bench_language.py            # about 3 minutes on 2 cores (model cached)
-    python evals/bench_language.py --quick    # 2 x 64 target tokens, budget 128: under 1 minute
+    python evals/bench_language.py --quick    # 4 x 64 target tokens, budget 128: about 1 minute
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from benchlib import LANGUAGES, UD_TEXT, markdown, model_dir, save_results
+from benchlib import LANGUAGES, UD_TEXT, Memo, markdown, model_dir, save_results
 
 from msa_edit.evaluate.language import language_nll
-from msa_edit.games import LesionGame, MeanNLL, Targets, text_blocks
+from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets, text_blocks
 from msa_edit.lesions import LesionKind, lesioned
 from msa_edit.plan import Budget, make_plan
+from msa_edit.search import Blocks, Quota, Removals, search_targeted
 from msa_edit.shapley import estimate
 from msa_edit.tiny_moe import HELDOUT_DIR, load_tiny_moe
 from msa_edit.units import Unit, select
@@ -84,14 +91,54 @@ def bench(kind: LesionKind, n_seq: int, budget: int, seed: int, min_z: float) ->
     res = estimate(game, len(units), budget=budget, seed=seed, batch_size=8)
     seconds = time.perf_counter() - start
     intact = heldout_nll(model, tokenizer, folder)
-    rows = {}
-    for lang, chosen in plans(res.values, res.stderr, units, min_z).items():
-        delta = torch.zeros_like(intact)  # no significant expert: nothing removed
+
+    def heldout(chosen: list[Unit]) -> list[float]:
+        delta = torch.zeros_like(intact)  # nothing removed
         if chosen:
             with lesioned(model, chosen, kind):
                 delta = heldout_nll(model, tokenizer, folder) - intact
-        rows[lang] = {"units": [str(u) for u in chosen], "delta": delta.tolist()}
-    return {"analysis_seconds": seconds, "n_evaluations": res.n_evaluations, "rows": rows}
+        return delta.tolist()
+
+    rows = {
+        lang: {"units": [str(u) for u in chosen], "delta": heldout(chosen)}
+        for lang, chosen in plans(res.values, res.stderr, units, min_z).items()
+    }
+    out = {"analysis_seconds": seconds, "n_evaluations": res.n_evaluations, "rows": rows}
+    if kind == "reroute":
+        demo = plans(res.values, res.stderr, units, 0.0)
+        out["shapley_min_z_0"] = {
+            lang: {"units": [str(u) for u in chosen], "delta": heldout(chosen)}
+            for lang, chosen in demo.items()
+        }
+        start = time.perf_counter()
+        found, distinct = search_plans(model, units, targets, demo)
+        out["search_seconds"] = time.perf_counter() - start
+        out["search_coalitions"] = distinct
+        out["search"] = {
+            lang: found[lang] | {"delta": heldout([Unit.parse(n) for n in found[lang]["units"]])}
+            for lang in LANGUAGES
+        }
+    return out
+
+
+def search_plans(
+    model: Any, units: list[Unit], targets: Targets, priors: dict[str, list[Unit]]
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Per language: the verified targeted search's experts (at most 1 per layer, the other
+    languages' calibration increase within 2 of its standard errors); and the distinct
+    coalitions all six searches evaluated together."""
+    memo = Memo(LesionGame(model, units, targets, RowNLL(), "reroute", max_rows=8 * 8))
+    blocks = Blocks.split(targets.names, targets.group)
+    quota = Quota.from_budget(units, Budget(per_layer=1))
+    out = {}
+    for lang in LANGUAGES:
+        removals = Removals(memo, len(units), progress=False)
+        prior = {"shapley": {units.index(u) for u in priors[lang]}}
+        others = [x for x in LANGUAGES if x != lang]
+        result = search_targeted(removals, blocks, quota, [lang], others, prior)
+        out[lang] = {"units": [str(u) for u in result.units], "chosen": result.chosen,
+                     "n_evaluations": result.n_evaluations}  # fmt: skip
+    return out, len(memo.values)
 
 
 def selectivity(row: dict[str, Any], lang: str) -> tuple[float, float]:
@@ -115,13 +162,30 @@ def table(result: dict[str, Any]) -> str:
     return markdown(header, lines)
 
 
+def compare(reroute: dict[str, Any]) -> str:
+    """Search vs the Shapley plans, per language: held-out target and largest other ΔNLL, and
+    whether the search's target increase reaches the significance-bar plan's (z >= 2)."""
+    rows = []
+    for lang in LANGUAGES:
+        cells: list[object] = [lang]
+        for key in ("rows", "shapley_min_z_0", "search"):
+            own, other = selectivity(reroute[key][lang], lang)
+            cells += [f"{own:+.3f}", f"{other:+.3f}"]
+        search, shapley = (selectivity(reroute[k][lang], lang) for k in ("search", "rows"))
+        cells.append("yes" if search[0] >= shapley[0] - 1e-12 else "no")
+        rows.append(cells)
+    header = ["target", "Shapley z>=2: own", "max other", "Shapley z>=0: own", "max other",
+              "search: own", "max other", "search own >= z>=2's"]  # fmt: skip
+    return markdown(header, rows)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller targets and budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-z", type=float, default=2.0, help="significance of a removal")
     args = parser.parse_args(argv)
-    n_seq, budget = (2, 128) if args.quick else (8, 512)
+    n_seq, budget = (4, 128) if args.quick else (8, 512)
     torch.set_num_threads(1)
     start = time.perf_counter()
     results = {kind: bench(kind, n_seq, budget, args.seed, args.min_z) for kind in SEMANTICS}
@@ -130,6 +194,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"\n## {kind}: analysis {result['analysis_seconds']:.0f} s "
               f"({result['n_evaluations']} coalitions)\n")  # fmt: skip
         print(table(result))
+    reroute = results["reroute"]
+    print("\n## reroute, Shapley plan without a significance bar (min_z 0, the demo's)\n")
+    print(table({"rows": reroute["shapley_min_z_0"]}))
+    print(f"\n## reroute, verified targeted search ({reroute['search_seconds']:.0f} s, "
+          f"{reroute['search_coalitions']} distinct coalitions for all six)\n")  # fmt: skip
+    print(table({"rows": reroute["search"]}))
+    print("\n" + compare(reroute))
     summary = {}
     for kind, result in results.items():
         pairs = [selectivity(row, lang) for lang, row in result["rows"].items()]

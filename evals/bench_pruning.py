@@ -1,65 +1,63 @@
-"""Expert pruning: Shapley-chosen removals vs routing frequency, REAP, Lu et al.'s enumeration.
+"""Expert pruning: the game-based search against REAP, Lu et al.'s enumeration and the rest.
 
-Two tiny MoE families trained by `msa_edit.tiny_moe` on the six bundled UD languages with the same
-tokenizer recipe, text and training loop: the default 4-layer, 8-expert top-2 Mixtral of the demo,
-and an OLMoE of the same size (query/key norms, top-k weights not renormalised, no shared expert).
-From every layer, k = 2 and k = 4 of the 8 experts are removed, chosen by
+Three tiny MoE models trained by `msa_edit.tiny_moe` on the six bundled UD languages (same
+tokenizer recipe, text and training loop): the demo's 4-layer, 8-expert top-2 Mixtral, an OLMoE
+of the same size (query/key norms, top-k weights not renormalised), and a 4-layer Mixtral with
+16 experts of half the width per layer (to show how the search's cost grows with experts). From
+every layer k experts are removed — 2 and 4 of 8, and 8 of 16 (4 or 5 of the 16 experts of each
+layer are all but unused, so fewer removals cost nothing measurable) — chosen by
 
-(a) shapley: per-language Shapley modes of all 32 experts (kernel estimator, `reroute` lesions,
-    mean NLL of each language on the calibration text), then `make_plan(mode="least_useful")` over
-    all six languages with `Budget(per_layer=k)`: the k experts per layer whose presence lowers the
-    unweighted mean of the languages' NLL least (the mean of the modes is, by linearity, the
-    Shapley value of that mean — the quantity the report averages; one game gives all modes);
-(b) frequency: the k experts per layer the router picks (top-k) least often on the calibration text;
-(c) reap: the k experts per layer with the lowest REAP saliency (Lasby et al. 2025): mean, over the
-    tokens routed to the expert, of its router weight (as applied) x the L2 norm of its output;
-(d) enumeration (Lu et al. 2024, "Not All Experts are Equal"): per layer, on the inputs its MoE
-    block receives in the intact model, every set of k experts to drop (C(8,2) = 28, C(8,4) = 70) is
-    tried with tokens rerouted over the kept experts (top-k renormalised where the family does);
-    the set with the least squared reconstruction error of the block's output is dropped;
-(e) random: k experts per layer uniformly at random (5 seeds; mean and range reported);
-(f) leave-one-out, a diagnostic beside the brief's five: the k experts per layer whose lesion alone
-    raises the languages' mean calibration NLL least (the same game at n + 1 coalitions: each
-    expert's marginal contribution at the full coalition, where Shapley averages over all sizes).
+- shapley: per-language Shapley modes of all experts (kernel estimator, `reroute` lesions), then
+  `make_plan(mode="least_useful")`: the k experts per layer the languages' mean NLL needs least;
+- loo: leave-one-out, the k experts per layer whose removal alone raises the mean NLL least
+  (n + 1 coalitions);
+- search: `msa_edit.search.search_compression` with its defaults (the recipe's `method: search`):
+  leave-one-out, greedy rounds re-evaluated after each removal, REAP's and frequency's sets as
+  priors, the choice made on the calibration blocks' check half;
+- search+swaps: the same with two swap passes (a diagnostic: does local search pay?);
+- reap: REAP saliency (Lasby et al. 2025) with the reference gate (full-softmax probability),
+  `msa_edit.routing`; reap-applied: the gate the model applies (renormalised top-k weight; a
+  diagnostic: some implementations use it); frequency: top-k selections; each one forward;
+- enumeration (Lu et al. 2024): per layer, every set of k experts is tried on the MoE block's
+  intact inputs; the set with the least squared reconstruction error of the block output goes;
+- random: k per layer uniformly at random (several seeds; mean and range).
 
-All methods see the same calibration text: blocks of the training split, evenly spaced, the same
-number per language. Removals are applied as `reroute` lesions (equal to slicing the experts out
-with `msa_edit.edit.remove_experts`, tested in tests/edit). Reported: held-out NLL per language
-(text neither trained on nor calibrated on), its mean, the change vs the intact model, each method's
-ΔNLL divided by Shapley's (> 1: Shapley's removal hurts less), and cost in full-model forward passes
-over the calibration text. Enumeration runs MoE blocks alone; a block forward is converted to full
-forwards by its share of the active parameters per token (multiply-adds), printed with the table.
-Shapley's analysis serves both k (its cost is counted in each table). Deterministic given seeds.
+Every method sees the same calibration text (evenly spaced blocks of each language's training
+split) and is judged on held-out text (never trained on, never calibrated on): the mean over
+languages of the NLL increase, with paired standard errors over held-out blocks for the ratios
+search / REAP and search / enumeration. Cost: coalitions (one pass over the calibration text
+each; REAP/frequency one pass; enumeration one pass plus MoE-block forwards, converted to full
+passes by their share of a forward's multiply-adds). Deterministic given seeds.
 
-Run from the repository root (both models are trained once and cached; the OLMoE takes about five
-minutes on two cores the first time, the Mixtral is the demo's):
+Run from the repository root (models are trained once and cached, about five minutes each):
 
-    python evals/bench_pruning.py           # 1000 coalitions, 5 random seeds -> bench_pruning.json
-    python evals/bench_pruning.py --quick   # 160 coalitions, 3 random seeds, 4 calibration and
-                                            # 16 held-out blocks per language; < 2 min
+    python evals/bench_pruning.py           # all three models -> evals/results/bench_pruning.json
+    python evals/bench_pruning.py --quick   # the Mixtral only, less text; < 2 minutes (cached)
+    python evals/bench_pruning.py --oracle  # + the search run on the held-out text itself: how
+                                            #   much a perfect choice could gain (a bound)
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import LANGUAGES, UD_TEXT, Memo, markdown, save_results
 from torch import nn
 
-import msa_edit
 from msa_edit.evaluate.language import block_nll
-from msa_edit.games import LesionGame, MeanNLL, Targets
-from msa_edit.lesions import Lesion, lesioned
+from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets
+from msa_edit.lesions import lesioned
 from msa_edit.plan import Budget, make_plan
-from msa_edit.shapley import ShapleyResult, estimate
+from msa_edit.routing import routing_stats
+from msa_edit.search import Blocks, Quota, Removals, SearchSettings, search_compression, search_cost
+from msa_edit.shapley import estimate
 from msa_edit.tiny_moe import (
     TinyMoeConfig,
     build_tiny_moe,
@@ -70,32 +68,46 @@ from msa_edit.tiny_moe import (
     token_stream,
     windows,
 )
-from msa_edit.units import Unit, decoder_layers, moe_block, moe_parts, n_experts, select
+from msa_edit.units import (
+    Unit,
+    decoder_layers,
+    moe_block,
+    moe_parts,
+    n_experts,
+    renormalizes,
+    select,
+)
 
-UD_TEXT = Path(msa_edit.__file__).parent / "data" / "ud-text"
-RESULTS = Path(__file__).resolve().parent / "results"
-LANGUAGES = ("en", "de", "fr", "es", "ru", "zh")
-FAMILIES = ("mixtral", "olmoe")
-METHODS = ("shapley", "frequency", "reap", "enumeration", "random", "leave-one-out")
-ANCHORS = {"enumeration (Lu et al.)": 3.9, "frequency": 7.2}
-"""Published: points of average accuracy lost removing 2 of 8 experts per layer, Mixtral-8x7B."""
+MODELS = {
+    "mixtral": (TinyMoeConfig(), (2, 4)),
+    "olmoe": (TinyMoeConfig(family="olmoe"), (2, 4)),
+    "mixtral-16": (TinyMoeConfig(experts=16, intermediate=112), (8,)),
+}
+METHODS = (
+    "shapley", "loo", "search", "search+swaps", "reap", "reap-applied", "frequency", "enumeration",
+    "random",
+)  # fmt: skip
+SCALE = {
+    "Mixtral-8x7B (32 x 8, remove 2 per layer)": (32, 8, 2),
+    "Qwen3-30B-A3B (48 x 128, remove 64 per layer)": (48, 128, 64),
+}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """Sizes of one run: calibration and held-out blocks per language, Shapley budget, seeds."""
+    """Sizes of one run: blocks per language, Shapley budget, random seeds, which models."""
 
     calib_blocks: int
     eval_blocks: int
-    budget: int
+    shapley_budget: int
     random_seeds: int
-    removals: tuple[int, ...] = (2, 4)
+    models: tuple[str, ...]
     seq_len: int = 64
     seed: int = 0
 
 
-FULL = Setting(calib_blocks=6, eval_blocks=32, budget=1000, random_seeds=5)
-QUICK = Setting(calib_blocks=4, eval_blocks=16, budget=160, random_seeds=3)
+FULL = Setting(24, 32, 256, 5, tuple(MODELS))
+QUICK = Setting(12, 16, 128, 3, ("mixtral",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,86 +127,34 @@ def calibration_blocks(tokenizer: Any, meta: dict[str, Any], setting: Setting) -
     return Targets.from_dict(sets)
 
 
-def heldout_blocks(model_dir: Path, tokenizer: Any, setting: Setting) -> Targets:
+def heldout_blocks(model_dir: Any, tokenizer: Any, setting: Setting) -> Targets:
     """The first `eval_blocks` blocks per language of the held-out text (never trained on)."""
     sets = {}
     for lang, lines in heldout_texts(model_dir).items():
         blocks = windows(token_stream(tokenizer, lines), setting.seq_len)
         if len(blocks) < setting.eval_blocks:
-            raise SystemExit(
-                f"{lang}: {len(blocks)} held-out blocks, fewer than {setting.eval_blocks}"
-            )
+            raise SystemExit(f"{lang}: {len(blocks)} held-out blocks, < {setting.eval_blocks}")
         sets[lang] = blocks[: setting.eval_blocks]
     return Targets.from_dict({lang: sets[lang] for lang in LANGUAGES})
 
 
-def language_nll(model: nn.Module, targets: Targets) -> torch.Tensor:
-    """Mean next-token NLL per target set `[n_sets]` (float64)."""
-    sums = block_nll(model, targets.input_ids, batch_size=32)
-    per_set = torch.zeros(len(targets.names), dtype=torch.float64).index_add_(
-        0, targets.group, sums
-    )
-    counts = torch.bincount(targets.group, minlength=len(targets.names)).double()
-    return per_set / (counts * (targets.input_ids.shape[1] - 1))
+def block_losses(model: nn.Module, targets: Targets) -> torch.Tensor:
+    """Mean next-token NLL of every block `[n_blocks]` (float64)."""
+    return block_nll(model, targets.input_ids, batch_size=32) / (targets.input_ids.shape[1] - 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Scores: one callable per method, all on the calibration text
+# The methods
 
 
-def expert_units(model: nn.Module, layer: int) -> list[Unit]:
-    return [Unit(layer, "experts", e) for e in range(n_experts(model))]
+def expert_units(model: nn.Module) -> list[Unit]:
+    return select(model, "layers.*.experts.*")
 
 
-def lowest_per_layer(scores: torch.Tensor, k: int) -> list[Unit]:
-    """The k experts with the lowest score `[n_layers, n_experts]` in every layer (ties: lower
-    index first)."""
-    order = torch.argsort(scores, dim=1, stable=True)[:, :k]
-    return sorted(Unit(la, "experts", int(e)) for la, row in enumerate(order) for e in row)
-
-
-def run_hooked(model: nn.Module, calib: Targets, handles: Sequence[Any]) -> None:
-    """Run the calibration rows through `model` (32 a forward), then remove the hooks `handles`."""
-    try:
-        for rows in calib.input_ids.split(32):
-            model(rows)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@torch.inference_mode()
-def routing_scores(model: nn.Module, calib: Targets) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-k selections, REAP saliency), each `[n_layers, n_experts]`, from one pass.
-
-    REAP saliency of expert j: mean over the tokens x routed to j of g_j(x) * ||f_j(x)||_2, with
-    g_j the router weight the model applies and f_j(x) the expert's output (Lasby et al. 2025).
-    """
-    layers = decoder_layers(model)
-    count = torch.zeros(len(layers), n_experts(model), dtype=torch.float64)
-    reap = torch.zeros_like(count)
-    handles = []
-
-    def hook(layer: int) -> Any:
-        def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            names = ("hidden_states", "top_k_index", "top_k_weights")
-            hidden, index, weights = [*args, *(kwargs[n] for n in names[len(args) :])][:3]
-            for e in range(count.shape[1]):
-                token, slot = torch.where(index == e)
-                if token.numel() == 0:
-                    continue
-                ones = torch.ones(token.numel(), 1, dtype=hidden.dtype)
-                out = module.forward(hidden[token], index[token, slot, None], ones)  # no hooks
-                count[layer, e] += token.numel()
-                reap[layer, e] += (weights[token, slot] * out.norm(dim=-1)).double().sum()
-
-        return pre
-
-    for i, layer in enumerate(layers):
-        _, experts = moe_parts(model, layer)
-        handles.append(experts.register_forward_pre_hook(hook(i), with_kwargs=True))
-    run_hooked(model, calib, handles)
-    return count, reap / count.clamp_min(1)
+def lowest_per_layer(units: list[Unit], score: torch.Tensor, k: int) -> list[Unit]:
+    """The k experts with the lowest score in every layer (ties: lower index first)."""
+    quota = Quota.from_budget(units, Budget(per_layer=k))
+    return sorted(units[i] for i in quota.lowest(score.tolist()))
 
 
 @torch.inference_mode()
@@ -211,76 +171,79 @@ def moe_io(model: nn.Module, calib: Targets) -> list[tuple[torch.Tensor, torch.T
             seen[i].append((args[0], out[0] if isinstance(out, tuple) else out))
 
         handles.append(block.register_forward_hook(keep))
-    run_hooked(model, calib, handles)
+    try:
+        for rows in calib.input_ids.split(32):
+            model(rows)
+    finally:
+        for handle in handles:
+            handle.remove()
     return [(torch.cat([x for x, _ in s]), torch.cat([z for _, z in s])) for s in seen]
 
 
 @torch.inference_mode()
 def enumerate_removals(
-    model: nn.Module, io: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int, chunk: int = 14
+    model: nn.Module, io: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int, chunk: int = 64
 ) -> tuple[list[Unit], int]:
     """Lu et al.: per layer, the k experts whose removal (tokens rerouted over the rest)
-    reconstructs the block's intact output best; returns them and the block forwards run."""
+    reconstructs the block's intact output best; returns them and the block forwards counted.
+
+    Exact and fast for top-2 routers: a token's rerouted output is its first two kept experts
+    (in its router order) weighted by their probabilities over the kept experts (or over the two,
+    where the family renormalises), so its squared error is a function of the pair and the
+    dropped probability mass. Per token the experts' outputs, their Gram matrix and their dot
+    products with the intact output are computed once; each of the C(E, k) drop sets then costs
+    an index lookup per token instead of a block forward.
+    """
+    if model.config.num_experts_per_tok != 2:
+        raise SystemExit("enumerate_removals handles top-2 routers (the benchmark's models)")
     layers = decoder_layers(model)
+    renorm = renormalizes(model)
     removed: list[Unit] = []
     forwards = 0
     for layer, (x, z) in enumerate(io):
-        block = moe_block(model, layers[layer])
-        assert block is not None
-        units = expert_units(model, layer)
-        subsets = list(itertools.combinations(range(len(units)), k))
+        gate, experts = moe_parts(model, layers[layer])
+        hidden = x.reshape(-1, x.shape[-1])
+        target = z.reshape(-1, z.shape[-1]).double()
+        width = n_experts(model)
+        ones = torch.ones(hidden.shape[0], 1, dtype=hidden.dtype)
+        outs = torch.stack([
+            experts.forward(hidden, torch.full_like(ones, e, dtype=torch.long), ones)
+            for e in range(width)
+        ], 1).double()  # [tokens, experts, hidden]  # fmt: skip
+        logits = (hidden @ gate.weight.T).float()
+        probs = torch.softmax(logits, dim=-1).double()
+        order = torch.argsort(logits, dim=-1, descending=True, stable=True)
+        gram = outs @ outs.transpose(1, 2)  # [tokens, E, E]
+        dots = (outs * target[:, None]).sum(-1)  # [tokens, E]
+        norm = target.pow(2).sum(-1)
+        rows = torch.arange(hidden.shape[0])
+        subsets = list(itertools.combinations(range(width), k))
         errors = []
-        with Lesion(model, units, "reroute") as lesion:
-            for start in range(0, len(subsets), chunk):
-                part = subsets[start : start + chunk]
-                keep = torch.ones(len(part), len(units), dtype=torch.bool)
-                for row, drop in enumerate(part):
-                    keep[row, list(drop)] = False
-                lesion.set_coalitions(keep)
-                out = block(x.repeat(len(part), 1, 1))
-                out = (out[0] if isinstance(out, tuple) else out).reshape(len(part), *z.shape)
-                errors.append((out - z).double().pow(2).sum(dim=(1, 2, 3)))
+        for start in range(0, len(subsets), chunk):
+            part = subsets[start : start + chunk]
+            drop = torch.zeros(len(part), width, dtype=torch.bool)
+            for row, d in enumerate(part):
+                drop[row, list(d)] = True
+            kept = ~drop[:, order]  # [sets, tokens, E], in each token's router order
+            rank = kept.cumsum(-1)
+            a = order.gather(1, ((rank == 1) & kept).int().argmax(-1).T).T  # [sets, tokens]
+            b = order.gather(1, ((rank == 2) & kept).int().argmax(-1).T).T
+            pa, pb = probs[rows, a], probs[rows, b]
+            scale = pa + pb if renorm else 1 - (probs @ drop.double().T).T  # kept mass
+            wa, wb = pa / scale, pb / scale
+            out_norm = (wa**2 * gram[rows, a, a] + wb**2 * gram[rows, b, b]
+                        + 2 * wa * wb * gram[rows, a, b])  # fmt: skip
+            cross = wa * dots[rows, a] + wb * dots[rows, b]
+            errors.append((out_norm - 2 * cross + norm).sum(-1))
         forwards += len(subsets)
         best = int(torch.cat(errors).argmin())
-        removed += [units[e] for e in subsets[best]]
+        removed += [Unit(layer, "experts", e) for e in subsets[best]]
     return sorted(removed), forwards
 
 
-def expert_game(model: nn.Module, calib: Targets) -> LesionGame:
-    """All experts as players, `reroute` lesions, value = mean calibration NLL per language."""
-    return LesionGame(model, select(model, "layers.*.experts.*"), calib, MeanNLL(), "reroute")
-
-
-def shapley_modes(game: LesionGame, setting: Setting) -> ShapleyResult:
-    """Per-language Shapley modes `[n_experts, n_languages]` (kernel estimator)."""
-    return estimate(game, game.n_players, method="kernel", budget=setting.budget,
-                    seed=setting.seed, batch_size=8, progress=False)  # fmt: skip
-
-
-def leave_one_out(game: LesionGame, n_layers: int) -> torch.Tensor:
-    """Increase of the languages' mean NLL when each expert alone is lesioned `[layers, experts]`
-    (its marginal contribution at the full coalition; n + 1 coalitions)."""
-    n = game.n_players
-    coalitions = torch.cat([torch.ones(1, n, dtype=torch.bool), ~torch.eye(n, dtype=torch.bool)])
-    values = game(coalitions).mean(dim=1)
-    return (values[1:] - values[0]).reshape(n_layers, -1)
-
-
-def shapley_removals(model: nn.Module, res: ShapleyResult, k: int) -> list[Unit]:
-    """The plan's least useful k experts per layer for the mean NLL over all languages."""
-    budget = Budget(per_layer=k, min_keep_per_layer=model.config.num_experts_per_tok)
-    plan = make_plan(res.values, res.stderr, select(model, "layers.*.experts.*"), LANGUAGES,
-                     target=LANGUAGES, budget=budget, mode="least_useful")  # fmt: skip
-    return plan.unit_list
-
-
-def random_removals(model: nn.Module, k: int, seed: int) -> list[Unit]:
-    gen = torch.Generator().manual_seed(seed)
-    layers = range(len(decoder_layers(model)))
-    picks = [torch.randperm(n_experts(model), generator=gen)[:k] for _ in layers]
-    return sorted(
-        Unit(la, "experts", int(e)) for la, row in zip(layers, picks, strict=True) for e in row
-    )
+def random_removals(units: list[Unit], k: int, seed: int) -> list[Unit]:
+    score = torch.rand(len(units), generator=torch.Generator().manual_seed(seed))
+    return lowest_per_layer(units, score, k)
 
 
 def block_share(model: nn.Module) -> float:
@@ -295,226 +258,286 @@ def block_share(model: nn.Module) -> float:
     return block / (len(layers) * (attention + block) + head)
 
 
-# ---------------------------------------------------------------------------------------------
-# One model family
-
-
 @dataclass(frozen=True)
 class Choice:
-    """One method's removals (one list per seed) and what choosing them cost."""
+    """One method's removals (one list per seed), what choosing them cost and took."""
 
     removals: list[list[Unit]]
-    cost_forwards: float
+    passes: float
+    seconds: float
     cost: str
 
 
-def choose(
-    model: nn.Module, calib: Targets, setting: Setting, times: dict[str, float]
-) -> tuple[dict[int, dict[str, Choice]], ShapleyResult]:
-    """Every method's removals for every k (and the Shapley modes), timing each method's scoring
-    into `times`."""
-    game = expert_game(model, calib)
+def choose(model: nn.Module, calib: Targets, setting: Setting, ks: Sequence[int]) -> dict:
+    """Every method's removals for every k, timing each method's scoring."""
+    units = expert_units(model)
+    n = len(units)
     tick = time.perf_counter()
-    res = shapley_modes(game, setting)
-    times["shapley"] = time.perf_counter() - tick
+    shapley = estimate(
+        LesionGame(model, units, calib, MeanNLL(), "reroute"), n, method="kernel",
+        budget=setting.shapley_budget, seed=setting.seed, batch_size=8, progress=False,
+    )  # fmt: skip
+    shapley_s = time.perf_counter() - tick
     tick = time.perf_counter()
-    loo = leave_one_out(game, len(decoder_layers(model)))
-    times["leave-one-out"] = time.perf_counter() - tick
-    tick = time.perf_counter()
-    count, reap = routing_scores(model, calib)
-    times["frequency+reap"] = time.perf_counter() - tick
+    stats = routing_stats(model, calib.input_ids)
+    routing_s = time.perf_counter() - tick
+    applied = routing_stats(model, calib.input_ids, gate="applied")
     tick = time.perf_counter()
     io = moe_io(model, calib)
-    share = block_share(model)
-    chosen = {}
-    for k in setting.removals:
+    io_s = time.perf_counter() - tick
+    memo = Memo(LesionGame(model, units, calib, RowNLL(), "reroute"))
+    blocks = Blocks.split(calib.names, calib.group)
+    chosen: dict[int, dict[str, Choice]] = {}
+    for k in ks:
+        budget = Budget(per_layer=k, min_keep_per_layer=model.config.num_experts_per_tok)
+        quota = Quota.from_budget(units, budget)
+        priors = {"reap": quota.lowest(stats.reap.tolist()),
+                  "frequency": quota.lowest(stats.frequency.tolist())}  # fmt: skip
+        rows: dict[str, Choice] = {}
+        plan = make_plan(shapley.values, shapley.stderr, units, LANGUAGES, target=LANGUAGES,
+                         budget=budget, mode="least_useful")  # fmt: skip
+        rows["shapley"] = Choice(
+            [plan.unit_list],
+            shapley.n_evaluations,
+            shapley_s,
+            f"{shapley.n_evaluations} coalitions, shared by every k",
+        )
+        for name, swaps in (("search", 0), ("search+swaps", 2)):
+            tick = time.perf_counter()
+            removals = Removals(memo, n, progress=False)
+            result = search_compression(removals, blocks, quota, LANGUAGES, priors,
+                                        SearchSettings(swaps=swaps))  # fmt: skip
+            seconds = time.perf_counter() - tick
+            rows[name] = Choice(
+                [list(result.units)],
+                result.n_evaluations,
+                seconds,
+                f"{result.n_evaluations} coalitions; chose {result.chosen}",
+            )
+            if name == "search":
+                loo = [Unit.parse(u) for u in result.candidate("leave-one-out").units]
+                rows["loo"] = Choice(
+                    [loo], n + 1, seconds * (n + 1) / result.n_evaluations, f"{n + 1} coalitions"
+                )
+        rows["reap"] = Choice([lowest_per_layer(units, stats.reap, k)], 1, routing_s, "1 pass")
+        rows["reap-applied"] = Choice([lowest_per_layer(units, applied.reap, k)], 1, routing_s,
+                                      "1 pass")  # fmt: skip
+        rows["frequency"] = Choice(
+            [lowest_per_layer(units, stats.frequency, k)], 1, routing_s, "1 pass"
+        )
+        tick = time.perf_counter()
         enumerated, block_forwards = enumerate_removals(model, io, k)
-        chosen[k] = {
-            "shapley": Choice([shapley_removals(model, res, k)], float(res.n_evaluations),
-                              f"{res.n_evaluations} coalitions, shared by every k"),
-            "frequency": Choice([lowest_per_layer(count, k)], 1.0, "1 forward"),
-            "reap": Choice([lowest_per_layer(reap, k)], 1.0, "1 forward"),
-            "enumeration": Choice([enumerated], 1 + block_forwards * share,
-                                  f"1 forward + {block_forwards} MoE-block forwards"),
-            "random": Choice([random_removals(model, k, s) for s in range(setting.random_seeds)],
-                             0.0, "none"),
-            "leave-one-out": Choice([lowest_per_layer(loo, k)], game.n_players + 1.0,
-                                    f"{game.n_players + 1} coalitions"),
-        }  # fmt: skip
-    times["enumeration"] = time.perf_counter() - tick
-    return chosen, res
+        rows["enumeration"] = Choice(
+            [enumerated],
+            1 + block_forwards * block_share(model),
+            io_s + time.perf_counter() - tick,
+            f"1 pass + {block_forwards} MoE-block forwards",
+        )
+        rows["random"] = Choice(
+            [random_removals(units, k, s) for s in range(setting.random_seeds)], 0, 0.0, "none"
+        )
+        chosen[k] = {m: rows[m] for m in METHODS}
+    return {"choices": chosen, "shapley_max_stderr": float(shapley.stderr.max())}
 
 
-def evaluate(
-    model: nn.Module, heldout: Targets, intact: torch.Tensor, chosen: dict[str, Choice]
-) -> dict[str, dict[str, Any]]:
-    """Held-out NLL per language after each method's removals (mean over seeds), ΔNLL vs intact
-    and ΔNLL relative to Shapley's."""
-    rows = {}
-    for method, choice in chosen.items():
+# ---------------------------------------------------------------------------------------------
+# Held-out evaluation
+
+
+def ratio(a: torch.Tensor, b: torch.Tensor, blocks: Blocks) -> tuple[float, float, float, float]:
+    """Mean held-out increase of a over b's (a ratio of language-weighted means) with its paired
+    stderr (delta method over blocks), and the paired difference a - b with its stderr."""
+    sets = list(range(len(blocks.names)))
+    mean_a = float(blocks.mean_se(a[None], sets, "all")[0][0])
+    mean_b = float(blocks.mean_se(b[None], sets, "all")[0][0])
+    r = mean_a / mean_b
+    _, se_r = blocks.mean_se(((a - r * b) / mean_b)[None], sets, "all")
+    diff, se_d = blocks.mean_se((a - b)[None], sets, "all")
+    return r, float(se_r[0]), float(diff[0]), float(se_d[0])
+
+
+def evaluate(model: nn.Module, heldout: Targets, choices: dict[str, Choice]) -> dict[str, Any]:
+    """Per method: held-out increase per block (mean over seeds), per language and overall."""
+    blocks = Blocks.split(heldout.names, heldout.group)
+    with torch.inference_mode():
+        intact = block_losses(model, heldout)
+    out: dict[str, Any] = {}
+    deltas: dict[str, torch.Tensor] = {}
+    for method, choice in choices.items():
         runs = []
         for units in choice.removals:
             with lesioned(model, units, "reroute"), torch.inference_mode():
-                runs.append(language_nll(model, heldout))
-        nll = torch.stack(runs)
-        delta = nll.mean(dim=1) - intact.mean()
-        rows[method] = {
+                runs.append(block_losses(model, heldout) - intact)
+        delta = torch.stack(runs).mean(0)
+        deltas[method] = delta
+        per_lang, _ = blocks.per_set(delta[None], "all")
+        overall = [float(blocks.mean_se(r[None], range(6), "all")[0][0]) for r in runs]
+        mean, se = blocks.mean_se(delta[None], range(6), "all")
+        out[method] = {
             "removed": [[str(u) for u in units] for units in choice.removals],
-            "nll": nll.mean(dim=0).tolist(),
-            "mean_nll": float(nll.mean()),
-            "delta": float(delta.mean()),
-            "delta_range": [float(delta.min()), float(delta.max())],
-            "cost_forwards": choice.cost_forwards,
-            "cost": choice.cost,
-        }
-    base = rows["shapley"]["delta"]
-    for row in rows.values():
-        row["ratio_to_shapley"] = row["delta"] / base if base > 0 else None
-    return rows
+            "delta": float(mean[0]), "stderr": float(se[0]),
+            "delta_range": [min(overall), max(overall)],
+            "per_language": dict(zip(LANGUAGES, per_lang[0].tolist(), strict=True)),
+            "passes": choice.passes, "seconds": choice.seconds, "cost": choice.cost,
+        }  # fmt: skip
+    for ref in ("reap", "enumeration"):
+        for method in out:
+            r, se_r, d, se_d = ratio(deltas[method], deltas[ref], blocks)
+            out[method][f"vs_{ref}"] = {"ratio": r, "ratio_se": se_r, "diff": d, "diff_se": se_d}
+    return out
 
 
-def run_family(family: str, setting: Setting) -> dict[str, Any]:
-    """Build (or load) one family's model, choose removals with every method, evaluate them."""
-    times: dict[str, float] = {}
+def oracle(model: nn.Module, heldout: Targets, ks: Sequence[int]) -> dict[int, Choice]:
+    """The search run on the held-out text itself (cheating: a bound on what choosing by the
+    game can gain here, not a method); `--oracle` adds it as a row."""
+    units = expert_units(model)
+    memo = Memo(LesionGame(model, units, heldout, RowNLL(), "reroute"))
+    blocks = Blocks.split(heldout.names, heldout.group)
+    out = {}
+    for k in ks:
+        tick = time.perf_counter()
+        quota = Quota.from_budget(units, Budget(per_layer=k, min_keep_per_layer=2))
+        result = search_compression(Removals(memo, len(units), progress=False), blocks, quota,
+                                    LANGUAGES, settings=SearchSettings(swaps=2))  # fmt: skip
+        out[k] = Choice([list(result.units)], result.n_evaluations, time.perf_counter() - tick,
+                        "search on the held-out text itself (a bound, not a method)")  # fmt: skip
+    return out
+
+
+def run_model(name: str, setting: Setting, with_oracle: bool = False) -> dict[str, Any]:
+    """Build (or load) one model, choose removals with every method, evaluate them."""
+    config, ks = MODELS[name]
     tick = time.perf_counter()
-    model_dir = build_tiny_moe({lang: UD_TEXT / f"{lang}.txt" for lang in LANGUAGES},
-                               config=TinyMoeConfig(family=family))  # fmt: skip
-    model, tokenizer, meta = load_tiny_moe(model_dir)
-    times["build_or_load"] = time.perf_counter() - tick
+    folder = build_tiny_moe({lang: UD_TEXT / f"{lang}.txt" for lang in LANGUAGES}, config=config)
+    model, tokenizer, meta = load_tiny_moe(folder)
+    load_s = time.perf_counter() - tick
     calib = calibration_blocks(tokenizer, meta, setting)
-    heldout = heldout_blocks(model_dir, tokenizer, setting)
-    with torch.inference_mode():
-        intact = language_nll(model, heldout)
-    chosen, res = choose(model, calib, setting, times)
+    heldout = heldout_blocks(folder, tokenizer, setting)
     tick = time.perf_counter()
-    tables = {str(k): evaluate(model, heldout, intact, chosen[k]) for k in setting.removals}
-    times["evaluate"] = time.perf_counter() - tick
+    chosen = choose(model, calib, setting, ks)
+    if with_oracle:
+        for k, choice in oracle(model, heldout, ks).items():
+            chosen["choices"][k]["oracle"] = choice
+    choose_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    tables = {str(k): evaluate(model, heldout, chosen["choices"][k]) for k in ks}
     return {
-        "model": str(model_dir),
-        "family": family,
-        "model_type": model.config.model_type,
-        "n_parameters": meta["n_parameters"],
-        "n_experts": n_experts(model),
-        "intact_nll": intact.tolist(),
-        "intact_mean_nll": float(intact.mean()),
-        "block_share": block_share(model),
-        "shapley": {
-            "method": res.method,
-            "n_evaluations": res.n_evaluations,
-            "seed": setting.seed,
-            "max_stderr": float(res.stderr.max()),
-            "units": [str(u) for u in select(model, "layers.*.experts.*")],
-            "targets": list(LANGUAGES),
-            "values": res.values.tolist(),
-            "stderr": res.stderr.tolist(),
-        },
-        "tables": tables,
-        "seconds": times,
-    }
+        "model": name, "folder": str(folder), "model_type": model.config.model_type,
+        "n_parameters": meta["n_parameters"], "n_experts": n_experts(model),
+        "layers": len(decoder_layers(model)), "block_share": block_share(model),
+        "shapley_max_stderr": chosen["shapley_max_stderr"], "tables": tables,
+        "seconds": {"load": load_s, "choose": choose_s, "evaluate": time.perf_counter() - tick},
+    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 
 
-def markdown(result: dict[str, Any], k: int, setting: Setting) -> str:
-    """One Markdown table: a family with k experts removed per layer."""
-    n = result["n_experts"]
-    langs = " | ".join(LANGUAGES)
-    lines = [
-        f"**{result['family']}** ({result['n_parameters'] / 1e6:.2f} M parameters), "
-        f"{k} of {n} experts removed per layer; held-out NLL (nats/token), "
-        f"{setting.eval_blocks} blocks x {setting.seq_len} tokens per language",
-        "",
-        f"| method | {langs} | mean | ΔNLL | ΔNLL / Shapley's | cost (calibration forwards) |",
-        "|---|" + "---:|" * (len(LANGUAGES) + 4),
-        "| intact | "
-        + " | ".join(f"{v:.3f}" for v in result["intact_nll"])
-        + f" | {result['intact_mean_nll']:.3f} | — | — | — |",
-    ]
+def table(result: dict[str, Any], k: int, setting: Setting) -> str:
+    rows = []
     for method, row in result["tables"][str(k)].items():
         name = method
-        delta = f"{row['delta']:+.3f}"
+        delta = f"{row['delta']:+.4f} ± {row['stderr']:.4f}"
         if method == "random":
             lo, hi = row["delta_range"]
-            name = f"random ({len(row['removed'])} seeds, mean)"
+            name = f"random ({len(row['removed'])} seeds)"
             delta += f" [{lo:+.3f}, {hi:+.3f}]"
-        ratio = "—" if row["ratio_to_shapley"] is None else f"{row['ratio_to_shapley']:.2f}"
-        cost = (
-            f"{row['cost_forwards']:.1f}"
-            if method == "enumeration"
-            else f"{row['cost_forwards']:.0f}"
-        )
-        if method == "enumeration":
-            cost += f" ({row['cost']})"
-        cells = " | ".join(f"{v:.3f}" for v in row["nll"])
-        lines.append(f"| {name} | {cells} | {row['mean_nll']:.3f} | {delta} | {ratio} | {cost} |")
-    return "\n".join(lines)
+        langs = [f"{row['per_language'][g]:+.3f}" for g in LANGUAGES]
+        vs = [f"{row[f'vs_{r}']['ratio']:.2f} ± {row[f'vs_{r}']['ratio_se']:.2f}"
+              for r in ("reap", "enumeration")]  # fmt: skip
+        rows.append([name, *langs, delta, *vs, f"{row['passes']:.1f}", f"{row['seconds']:.1f}"])
+    head = ["method", *LANGUAGES, "mean ΔNLL ± se", "÷ REAP", "÷ enum.", "passes", "s"]
+    title = (
+        f"**{result['model']}** ({result['layers']} x {result['n_experts']} experts, "
+        f"{result['n_parameters'] / 1e6:.2f} M parameters), {k} of {result['n_experts']} removed "
+        f"per layer; held-out ΔNLL (nats/token), {setting.eval_blocks} blocks x "
+        f"{setting.seq_len} tokens per language; passes = calibration forwards"
+    )
+    return title + "\n\n" + markdown(head, rows)
 
 
-def ratios(results: Sequence[dict[str, Any]], removals: Sequence[int]) -> str:
-    """Each method's ΔNLL over Shapley's, per family and k, as a Markdown table."""
-    methods = [m for m in METHODS if m != "shapley"]
-    lines = [
-        "ΔNLL / Shapley's ΔNLL (> 1: the method's removal hurts more than Shapley's):",
-        "",
-        "| family | k | " + " | ".join(methods) + " |",
-        "|---|---:|" + "---:|" * len(methods),
-    ]
+def summary(results: Sequence[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The acceptance table: search vs the best of REAP and enumeration, per setting."""
+    rows, ratios, worst = [], [], []
     for result in results:
-        for k in removals:
-            rows = result["tables"][str(k)]
-            cells = [rows[m]["ratio_to_shapley"] for m in methods]
-            text = " | ".join("—" if c is None else f"{c:.2f}" for c in cells)
-            lines.append(f"| {result['family']} | {k} | {text} |")
-    return "\n".join(lines)
+        for k, methods in result["tables"].items():
+            s = methods["search"]
+            best = min(("reap", "enumeration"), key=lambda m: methods[m]["delta"])
+            vs = s[f"vs_{best}"]
+            if methods[best]["delta"] > 2 * methods[best]["stderr"]:  # a ratio needs a real loss
+                ratios.append(vs["ratio"])
+            beyond = max(
+                s[f"vs_{r}"]["diff"] - s[f"vs_{r}"]["diff_se"] for r in ("reap", "enumeration")
+            )
+            worst.append(beyond)
+            rows.append([
+                result["model"], k, f"{s['delta']:+.4f}", best, f"{methods[best]['delta']:+.4f}",
+                f"{vs['ratio']:.2f} ± {vs['ratio_se']:.2f}",
+                f"{vs['diff']:+.4f} ± {vs['diff_se']:.4f}",
+                "yes" if beyond > 0 else "no", f"{s['passes']:.0f}",
+            ])  # fmt: skip
+    geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else math.nan
+    head = ["model", "k", "search ΔNLL", "best peer", "its ΔNLL", "ratio ± se",
+            "difference ± se", "worse by > 1 se", "coalitions"]  # fmt: skip
+    text = markdown(head, rows) + (
+        f"\n\ngeometric mean of the ratios: **{geo:.3f}** ({len(ratios)} settings whose best "
+        "peer's loss is more than 2 stderr above zero)"
+    )
+    return text, {"geometric_mean_ratio": geo, "worse_beyond_one_se": any(w > 0 for w in worst)}
+
+
+def scale_lines() -> list[str]:
+    """The search's coalition count on real MoE shapes (the schedule's upper bound)."""
+    lines = []
+    for name, (layers, experts, k) in SCALE.items():
+        units = [Unit(la, "experts", e) for la in range(layers) for e in range(experts)]
+        quota = Quota.from_budget(units, Budget(per_layer=k, min_keep_per_layer=2))
+        cost = search_cost(quota, SearchSettings(), n_priors=2)
+        lines.append(f"- {name}: at most {cost} coalitions (leave-one-out {len(units) + 1})")
+    return lines
 
 
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the Mixtral only, less text")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--quick", action="store_true", help="160 coalitions, 3 random seeds, less text"
+        "--oracle", action="store_true", help="add the search run on held-out text (a bound)"
     )
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     args = parser.parse_args()
-    torch.set_num_threads(1)  # tiny ops: one thread is fastest and leaves the other core free
+    torch.set_num_threads(args.threads)
     setting = QUICK if args.quick else FULL
-    start = time.perf_counter()
-    results = [run_family(family, setting) for family in args.families]
-    wall = time.perf_counter() - start
+    if args.models:
+        setting = Setting(**(asdict(setting) | {"models": tuple(args.models)}))
     print(
         f"# Expert pruning ({'quick' if args.quick else 'full'}): calibration "
-        f"{setting.calib_blocks} blocks x {setting.seq_len} tokens per language (training split), "
-        f"Shapley kernel budget {setting.budget}, torch threads {torch.get_num_threads()}\n"
+        f"{setting.calib_blocks} blocks x {setting.seq_len} tokens per language, Shapley kernel "
+        f"budget {setting.shapley_budget}, torch threads {torch.get_num_threads()}\n",
+        flush=True,
     )
-    for result in results:
-        print(
-            f"{result['family']}: {result['model']}; one MoE-block forward = "
-            f"{result['block_share']:.3f} full forwards; Shapley max stderr "
-            f"{result['shapley']['max_stderr']:.4f}\n"
-        )
-        for k in setting.removals:
-            print(markdown(result, k, setting) + "\n")
-    print(ratios(results, setting.removals))
+    start = time.perf_counter()
+    results = []
+    for name in setting.models:
+        results.append(run_model(name, setting, args.oracle))
+        for k in results[-1]["tables"]:
+            print(table(results[-1], int(k), setting) + "\n", flush=True)
+    wall = time.perf_counter() - start
+    text, verdict = summary(results)
+    print("Search vs the better of REAP and enumeration (held-out, paired over blocks):\n")
+    print(text + "\n")
+    print("Search cost at scale (default settings, REAP and frequency priors):")
+    print("\n".join(scale_lines()))
     phases = "; ".join(
-        f"{r['family']}: " + ", ".join(f"{n} {t:.0f} s" for n, t in r["seconds"].items())
+        f"{r['model']}: " + ", ".join(f"{n} {t:.0f} s" for n, t in r["seconds"].items())
         for r in results
     )
     print(f"\nwall time {wall:.0f} s ({phases})")
-    payload = {
-        "setting": asdict(setting),
-        "quick": args.quick,
-        "threads": torch.get_num_threads(),
-        "wall_seconds": wall,
-        "anchors_mixtral_8x7b_points": ANCHORS,
-        "languages": list(LANGUAGES),
-        "families": results,
-    }
-    out = RESULTS / ("bench_pruning_quick.json" if args.quick else "bench_pruning.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, out)
+    payload = {"setting": asdict(setting), "quick": args.quick, "threads": torch.get_num_threads(),
+               "wall_seconds": wall, "verdict": verdict, "scale": scale_lines(),
+               "languages": list(LANGUAGES), "models": results}  # fmt: skip
+    save_results("bench_pruning" + ("_oracle" if args.oracle else ""), args.quick, payload)
     return payload
 
 

@@ -177,6 +177,23 @@ def rmse(estimate: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sqrt(np.mean((estimate - reference) ** 2)))
 
 
+class Memo:
+    """A game with every coalition's value kept, so several searches on one game share
+    evaluations (each still counts its own distinct coalitions)."""
+
+    def __init__(self, game: Game) -> None:
+        self.game = game
+        self.values: dict[bytes, torch.Tensor] = {}
+
+    def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
+        keys = [bytes(row.tolist()) for row in coalitions]
+        missing = [i for i, key in enumerate(keys) if key not in self.values]
+        if missing:
+            out = self.game(coalitions[missing])
+            self.values |= {keys[i]: row for i, row in zip(missing, out, strict=True)}
+        return torch.stack([self.values[key] for key in keys])
+
+
 def save_results(name: str, quick: bool, payload: dict[str, Any]) -> Path:
     """Write `payload` to evals/results/NAME.json (NAME_quick.json for a quick run), atomically."""
     out = write_json(RESULTS / f"{name}{'_quick' if quick else ''}.json", payload)

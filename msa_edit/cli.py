@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 DEMO_RECIPE = Path(__file__).parent / "data" / "recipes" / "demo.yaml"
 STAGES = {
     "analyze": "Shapley modes of the recipe's units -> shapley.json (resumes a killed run)",
-    "plan": "choose units from shapley.json -> plan.json",
+    "plan": "choose units (from shapley.json, or by search/loo/reap/frequency) -> plan.json",
     "edit": "apply plan.json to the base model -> model/, edit.json",
     "evaluate": "base vs model/ on the recipe's metrics -> eval.json",
     "export": "model card with eval.json, optional Hub push, report.md",
@@ -134,9 +134,11 @@ def run_recipe(command: str, recipe: Recipe, out: Path) -> Path | None:
         runner.load_targets(recipe, loaded.tokenizer)
         runner.analyze(recipe, out, loaded)
         return out / runner.SHAPLEY_JSON
-    if not out.is_dir():
-        raise MsaEditError(f"run directory {out} does not exist; start with `msa-edit analyze`")
-    stages = {
+    starts = command == "plan" and recipe.plan is not None and recipe.plan.method != "shapley"
+    if not out.is_dir() and not starts:
+        first = "analyze" if recipe.estimator is not None else "plan"
+        raise MsaEditError(f"run directory {out} does not exist; start with `msa-edit {first}`")
+    stages: dict[str, Callable[[Recipe, Path], object]] = {
         "plan": runner.plan,
         "edit": runner.edit,
         "evaluate": runner.evaluate,
@@ -150,10 +152,17 @@ def run_validate(path: str, overrides: Sequence[str]) -> None:
     """Print a one-paragraph summary of a valid recipe."""
     recipe = load_recipe(path, overrides)
     stages = [s for s in ("plan", "edit", "evaluate", "export") if getattr(recipe, s) is not None]
+    est = recipe.estimator
+    analysis = (
+        f"estimator {est.method} (budget {est.budget or 'default'})"
+        if est is not None
+        else "no Shapley analysis"
+    )
+    if recipe.plan is not None and recipe.plan.method != "shapley":
+        analysis += f", plan by {recipe.plan.method}"
     print(
         f"{path}: valid; model {recipe.model.name}, units {', '.join(recipe.units)}, "
-        f"targets {', '.join(recipe.targets.sets)}, estimator {recipe.estimator.method} "
-        f"(budget {recipe.estimator.budget or 'default'}), stages {', '.join(stages)}"
+        f"targets {', '.join(recipe.targets.sets)}, {analysis}, stages {', '.join(stages)}"
     )
 
 

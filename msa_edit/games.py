@@ -151,6 +151,19 @@ class MeanNLL:
         return sums[:, 0] / sums[:, 1]
 
 
+class RowNLL:
+    """Mean next-token NLL of each target row: output `[N]` (one loss per block of text, so a
+    removal search gets a standard error over blocks; see `msa_edit.search`)."""
+
+    def row_stats(
+        self, logits: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        return token_nll(logits, input_ids).double().mean(1, keepdim=True)
+
+    def reduce(self, stats: torch.Tensor, targets: Targets) -> torch.Tensor:
+        return stats[:, 0].double()
+
+
 class PositionNLL:
     """Next-token NLL at every position of every row: output `[N, T-1]`."""
 

@@ -426,6 +426,23 @@ def unit_means(
             _, experts = moe_parts(model, layer)
             hook = _capture_experts(add, key, n_experts(model))
             handles.append(experts.register_forward_pre_hook(hook, with_kwargs=True))
+    run_hooked(model, input_ids, handles, batch_size)
+    out: dict[Unit, torch.Tensor] = {}
+    for unit in units:
+        key = (unit.layer, unit.kind)
+        mean = sums[key] / counts[key].clamp_min(1).reshape(-1, *([1] * (sums[key].dim() - 1)))
+        out[unit] = mean[0] if unit.kind == "layer" else mean[max(unit.index, 0)]
+    return out
+
+
+def run_hooked(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    handles: Sequence[RemovableHandle],
+    batch_size: int = 8,
+) -> None:
+    """Run `input_ids` `[N, T]` through `model` `batch_size` rows at a time for the hooks behind
+    `handles` to observe; the hooks are removed afterwards, also after an exception."""
     try:
         device = next(model.parameters()).device
         for start in range(0, input_ids.shape[0], batch_size):
@@ -433,12 +450,6 @@ def unit_means(
     finally:
         for handle in handles:
             handle.remove()
-    out: dict[Unit, torch.Tensor] = {}
-    for unit in units:
-        key = (unit.layer, unit.kind)
-        mean = sums[key] / counts[key].clamp_min(1).reshape(-1, *([1] * (sums[key].dim() - 1)))
-        out[unit] = mean[0] if unit.kind == "layer" else mean[max(unit.index, 0)]
-    return out
 
 
 def _capture_channels(add: Any, key: tuple[int, str], heads: int) -> Any:

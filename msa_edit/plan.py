@@ -1,13 +1,16 @@
-"""Plans from Shapley modes: which units to remove (or scale), ranked by contribution to target
-behaviours relative to behaviours to retain, under budgets; saved as the run directory's plan.json.
+"""Plans: which units to remove (or scale), under budgets; saved as the run directory's plan.json.
 
-Scores are in "help" units: for a loss-like value (NLL; `lower_is_better=True`) a unit helps a
-target when its Shapley value is negative, so help = -value. For a target set T and retain set R,
+`make_plan` ranks by Shapley modes: contribution to target behaviours relative to behaviours to
+retain. Scores are in "help" units: for a loss-like value (NLL; `lower_is_better=True`) a unit
+helps a target when its Shapley value is negative, so help = -value. For a target set T and
+retained sets R,
 
-    selectivity_i = mean_{t in T} help_{i,t} - max(0, mean_{r in R} help_{i,r})
+    selectivity_i = mean_{t in T} help_{i,t} - max(0, max_{r in R} help_{i,r})
 
 with a standard error from the Shapley stderrs; `least_useful` ranks by -mean help over all
-targets instead (compression: remove what the model needs least).
+targets instead (compression: remove what the model needs least). A `Plan` can also come from
+leave-one-out, a search over removal sets or the router's statistics (`Plan.method`; see
+`msa_edit.search` and `msa_edit.routing`) — for compression those beat Shapley ranking.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from msa_edit.units import Unit
 
 Action = Literal["remove", "prune", "scale"]
 Mode = Literal["specific", "least_useful"]
+Method = Literal["shapley", "loo", "search", "reap", "frequency"]
+METHODS: tuple[Method, ...] = ("shapley", "loo", "search", "reap", "frequency")
+"""How a plan chooses its units: by Shapley modes (`make_plan`), by leave-one-out or a search
+that evaluates removal sets with the game (`msa_edit.search`), or by the router's statistics
+(`msa_edit.routing`: REAP saliency, selection frequency)."""
 
 
 def specificity(values: torch.Tensor, lower_is_better: bool = True) -> torch.Tensor:
@@ -79,7 +87,11 @@ class Budget:
 
 @dataclass(frozen=True)
 class Plan:
-    """What to do to which units, with the scores that chose them (the plan.json contract)."""
+    """What to do to which units, with the scores that chose them (the plan.json contract).
+
+    `method` says how the units were chosen (see `METHODS`); a search records its candidates,
+    their calibration loss on both halves and the coalitions it spent in `search`.
+    """
 
     action: Action
     units: tuple[str, ...]
@@ -92,6 +104,8 @@ class Plan:
     alpha: dict[str, float] = field(default_factory=dict)
     stderr: dict[str, float] = field(default_factory=dict)
     shapley: dict[str, Any] = field(default_factory=dict)
+    method: Method = "shapley"
+    search: dict[str, Any] = field(default_factory=dict)
 
     @property
     def unit_list(self) -> list[Unit]:
@@ -111,6 +125,9 @@ class Plan:
         if obj.get("action") not in ("remove", "prune", "scale"):
             action = obj.get("action")
             raise MsaEditError(f"plan action must be remove, prune or scale, got {action!r}")
+        if obj.get("method", "shapley") not in METHODS:
+            method = obj.get("method")
+            raise MsaEditError(f"plan method must be one of {', '.join(METHODS)}, got {method!r}")
         for name in obj.get("units", []):
             Unit.parse(name)
         return cls(**{**obj, "units": tuple(obj.get("units", []))})

@@ -90,7 +90,7 @@ def language_nll(
     return out
 
 
-def compare(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, dict[str, float]]:
+def compare(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, Any]:
     """The `eval.json` structure with a `delta` (after - before) for every metric both sides have.
 
     >>> compare({"nll/ru": 2.0}, {"nll/ru": 2.5})
@@ -105,9 +105,15 @@ def compare(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str
 
 
 def write_eval_json(
-    path: Path | str, before: Mapping[str, float], after: Mapping[str, float]
+    path: Path | str,
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    candidates: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
     """Write `compare(before, after)` to `path` atomically as strict JSON (no NaN or infinity).
+
+    `candidates` (a search plan's candidates, each lesioned on the base model) adds their
+    metrics under "candidates": `{name: {metric: value}}`.
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
@@ -115,19 +121,25 @@ def write_eval_json(
     {'x': 1.0}
     """
     record = compare(before, after)
-    bad = [f"{s}.{k}" for s, m in record.items() for k, v in m.items() if not math.isfinite(v)]
+    sides = {k: record[k] for k in ("before", "after", "delta")}
+    if candidates:
+        record["candidates"] = {
+            n: {k: float(v) for k, v in m.items()} for n, m in candidates.items()
+        }
+        sides |= {f"candidates.{n}": m for n, m in record["candidates"].items()}
+    bad = [f"{s}.{k}" for s, m in sides.items() for k, v in m.items() if not math.isfinite(v)]
     if bad:
         raise MsaEditError(f"eval metrics {bad} are not finite; strict JSON cannot hold them")
     return write_json(path, record)
 
 
-def read_eval_json(path: Path | str) -> dict[str, dict[str, float]]:
+def read_eval_json(path: Path | str) -> dict[str, Any]:
     """Read an `eval.json`; non-finite numbers (not strict JSON) are rejected."""
 
     def reject(token: str) -> float:
         raise MsaEditError(f"{path} holds {token}, which strict JSON does not allow")
 
-    record: dict[str, dict[str, float]] = json.loads(Path(path).read_text(), parse_constant=reject)
+    record: dict[str, Any] = json.loads(Path(path).read_text(), parse_constant=reject)
     for side in ("before", "after"):
         if side not in record:
             raise MsaEditError(f"{path} has no {side!r} metrics; it is not an eval.json")

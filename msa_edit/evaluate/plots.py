@@ -246,6 +246,35 @@ def ranking_plot(
     return save_figure(fig, path)
 
 
+def candidates_plot(
+    names: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    chosen: str,
+    path: str | os.PathLike[str],
+    *,
+    xlabel: str,
+    title: str,
+) -> Path:
+    """Grouped horizontal bars: one group per candidate (first on top), one bar per series (e.g.
+    calibration check half, held-out text); NaN values are left out; `chosen` is named in bold."""
+    plt = _pyplot()
+    n, k = len(names), len(series)
+    fig, ax = plt.subplots(figsize=(7.5, 0.25 * n * k + 1.8), constrained_layout=True)
+    height = 0.8 / max(k, 1)
+    for j, (label, values) in enumerate(series.items()):
+        ys = [n - 1 - i + 0.4 - height * (j + 0.5) for i in range(n)]
+        ax.barh(ys, [v if math.isfinite(v) else 0.0 for v in values], height=height, label=label)
+    ax.set_yticks(list(range(n))[::-1], list(names))
+    for tick, name in zip(ax.get_yticklabels(), names, strict=True):
+        if name == chosen:
+            tick.set_fontweight("bold")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize="small")
+    return save_figure(fig, path)
+
+
 def before_after_plot(
     panels: Sequence[tuple[str, Sequence[str], bool]],
     before: Mapping[str, float],

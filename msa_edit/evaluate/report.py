@@ -163,7 +163,9 @@ def _eval_rows(ev: Mapping[str, Any]) -> list[tuple[str, float | None, float | N
     return rows
 
 
-def _headline(ev: Mapping[str, Any], plan: Mapping[str, Any] | None, sh: _Shapley) -> str:
+def _headline(
+    ev: Mapping[str, Any], plan: Mapping[str, Any] | None, sh: _Shapley | None
+) -> str:
     """The target and retained deltas that say whether the edit did what it should."""
     delta = {n: d for n, _, _, d in _eval_rows(ev) if d is not None}
     before, after = ev.get("before") or {}, ev.get("after") or {}
@@ -183,7 +185,7 @@ def _headline(ev: Mapping[str, Any], plan: Mapping[str, Any] | None, sh: _Shaple
 
     target = [str(t) for t in (plan or {}).get("target") or []]
     retain = [str(t) for t in (plan or {}).get("retain") or []]
-    if plan is None:
+    if plan is None and sh is not None:
         target = sh.targets
     parts = []
     if pick(target):
@@ -226,7 +228,8 @@ def _summary(
         retain = plan.get("retain") or []
         text += (
             f" **Plan:** {plan.get('action', '?')} {len(chosen)} of {len(sh.units)} units "
-            f"({_names(chosen)}), mode `{plan.get('mode', '?')}`, target "
+            f"({_names(chosen)}), {METHOD_TEXT.get(str(plan.get('method', 'shapley')), '?')}; "
+            f"mode `{plan.get('mode', '?')}`, target "
             f"{', '.join(map(str, plan.get('target') or [])) or '—'}"
             + (f" while retaining {', '.join(map(str, retain))}" if retain else "")
             + "."
@@ -234,6 +237,106 @@ def _summary(
     if ev is not None and any(d is not None for *_, d in _eval_rows(ev)):
         text += f" **After the edit:** {_headline(ev, plan, sh)}."
     return [text, ""]
+
+
+METHOD_TEXT = {
+    "shapley": "ranked by Shapley value",
+    "loo": "ranked by leave-one-out (each unit's removal alone, measured with the game)",
+    "search": "chosen by a search that evaluates removal sets with the game",
+    "reap": "ranked by REAP saliency (router probability x expert output norm)",
+    "frequency": "ranked by how often the router picks each expert",
+}
+
+
+def _plan_summary(plan: Mapping[str, Any], ev: Mapping[str, Any] | None) -> list[str]:
+    """The summary paragraph of a run whose plan needed no Shapley analysis."""
+    chosen = [str(u) for u in plan.get("units") or []]
+    method = str(plan.get("method", "?"))
+    search = plan.get("search") or {}
+    retain = plan.get("retain") or []
+    text = (
+        f"**Plan:** {plan.get('action', '?')} {len(chosen)} units ({_names(chosen)}), "
+        f"{METHOD_TEXT.get(method, method)}; mode `{plan.get('mode', '?')}`, target "
+        f"{', '.join(map(str, plan.get('target') or [])) or '—'}"
+        + (f" while retaining {', '.join(map(str, retain))}" if retain else "")
+        + (
+            f"; {search['n_evaluations']} coalitions evaluated"
+            if search.get("n_evaluations") is not None
+            else ""
+        )
+        + "."
+    )
+    if ev is not None and any(d is not None for *_, d in _eval_rows(ev)):
+        text += f" **After the edit:** {_headline(ev, plan, None)}."
+    return [text, ""]
+
+
+def _candidates(
+    run_dir: Path, plan: Mapping[str, Any], ev: Mapping[str, Any] | None
+) -> list[str]:
+    """The comparison table of a search plan's candidates: calibration and held-out changes."""
+    search = plan.get("search") or {}
+    found = search.get("candidates") or []
+    if len(found) < 2:
+        return []
+    targeted = plan.get("mode") == "specific"
+    heldout = (ev or {}).get("candidates") or {}
+    before = (ev or {}).get("before") or {}
+    sets = sorted({k for c in found for k in c.get("per_set") or {}})
+    langs = sorted({m.split("/", 1)[1] for m in before if m.startswith("nll/")})
+    langs = [g for g in langs if any(f"nll/{g}" in heldout.get(c["name"], {}) for c in found)]
+    what = "target increase (higher = more targeted)" if targeted else "mean increase (lower wins)"
+    head = ["candidate", "units", "calib. search half", "calib. check half", "calib. all ± se"]
+    head += [f"calib. {_cell(s)}" for s in sets] + [f"held-out {_cell(lang)}" for lang in langs]
+    if targeted:
+        head.append("within bounds")
+    lines = [
+        "## Candidates",
+        "",
+        f"Every removal set the plan compared, measured with the game on the calibration text "
+        f"(loss change in nats/token; objective: {what}). The search half ranked moves; the "
+        "check half, which ranked nothing, chose among the candidates. Held-out columns: the "
+        "evaluation text's NLL change with each set lesioned on the base model. "
+        f"Chosen: **{_cell(str(search.get('chosen', '?')))}**; "
+        f"{search.get('n_evaluations', '?')} coalitions spent.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|---:|" + "---:|" * (len(head) - 2),
+    ]
+    for c in found:
+        name = _cell(str(c.get("name")))
+        name = f"**{name}**" if c.get("name") == search.get("chosen") else name
+        cells = [name, str(len(c.get("units") or []))]
+        cells += [fmt_delta(float(c[k])) for k in ("search", "check")]
+        cells.append(f"{fmt_delta(float(c['all']))} ± {fmt(float(c['stderr']))}")
+        per_set = c.get("per_set") or {}
+        cells += [fmt_delta(float(per_set[s])) if s in per_set else "—" for s in sets]
+        got = heldout.get(str(c.get("name")), {})
+        for lang in langs:
+            m = f"nll/{lang}"
+            cells.append(fmt_delta(got[m] - before[m]) if m in got and m in before else "—")
+        if targeted:
+            cells.append("yes" if c.get("feasible") else "no")
+        lines.append("| " + " | ".join(cells) + " |")
+    names = [str(c.get("name")) for c in found]
+    series = {"calibration, check half": [float(c["check"]) for c in found]}
+    shown = [g for g in langs if g in (plan.get("target") or [])] if targeted else langs
+    if shown:
+        series["held-out" + (", target" if targeted else ", mean over sets")] = [
+            sum(heldout.get(n, {}).get(f"nll/{g}", math.nan) - before[f"nll/{g}"] for g in shown)
+            / len(shown)
+            for n in names
+        ]
+    plots.candidates_plot(
+        names, series, str(search.get("chosen")), run_dir / "candidates.png",
+        xlabel="loss increase (nats/token)" + (" on the target" if targeted else ""),
+        title="Candidate removal sets (chosen in bold)",
+    )  # fmt: skip
+    caption = (
+        "Each candidate's loss increase on the calibration check half (the objective the choice "
+        "was made on) and, where evaluated, on the held-out text."
+    )
+    return [*lines, "", *_figure("candidates.png", "candidates", caption)]
 
 
 def _figure(file: str, alt: str, caption: str) -> list[str]:
@@ -274,9 +377,11 @@ def _heatmaps(run_dir: Path, sh: _Shapley, chosen: set[Unit]) -> list[str]:
     return lines
 
 
-def _ranking(run_dir: Path, sh: _Shapley, plan: Mapping[str, Any] | None) -> list[str]:
+def _ranking(run_dir: Path, sh: _Shapley | None, plan: Mapping[str, Any] | None) -> list[str]:
     scores = (plan or {}).get("scores") or {}
     chosen = [str(u) for u in (plan or {}).get("units") or []]
+    if not scores and sh is None:
+        return []
     if scores:
         se = (plan or {}).get("stderr") or {}
         rows = [
@@ -286,6 +391,7 @@ def _ranking(run_dir: Path, sh: _Shapley, plan: Mapping[str, Any] | None) -> lis
         what = "plan score (higher = edited first)"
         how = "by the plan's score"
     else:
+        assert sh is not None
         mean = sh.values.abs().nanmean(dim=1)
         err = sh.stderr.pow(2).sum(dim=1).sqrt() / sh.values.shape[1]
         rows = [(float(m), float(e), n) for m, e, n in zip(mean, err, sh.names, strict=True)]
@@ -470,24 +576,35 @@ def _optional_json(path: Path) -> Any:
 def write_report(run_dir: str | Path, *, title: str | None = None) -> Path:
     """Write run_dir/report.md and its PNGs from the run-directory files; returns the report path.
 
-    `shapley.json` is required (`MsaEditError` without it); plan.json, eval.json, edit.json and
-    recipe.yaml add their sections when present.
+    `shapley.json` or a `plan.json` made without Shapley values (`method` loo, search, reap,
+    frequency) is required (`MsaEditError` without either); plan.json, eval.json, edit.json and
+    recipe.yaml add their sections when present, and a plan's candidates a comparison table.
     """
     run_dir = Path(run_dir)
-    sh = _load_shapley(run_dir)
     plan = _optional_json(run_dir / "plan.json")
+    has_shapley = (run_dir / "shapley.json").is_file()
+    if not has_shapley and (plan or {}).get("method", "shapley") == "shapley":
+        _load_shapley(run_dir)  # raises: the run has neither an analysis nor a plan without one
+    sh = _load_shapley(run_dir) if has_shapley else None
     ev = _optional_json(run_dir / "eval.json")
     edit = _optional_json(run_dir / "edit.json")
     recipe = run_dir / "recipe.yaml"
     chosen = [str(u) for u in (plan or {}).get("units") or []]
     marked = {Unit.parse(n) for n in chosen}
-    heading = title or f"MSA report: {sh.meta.get('model', run_dir.name)}"
-    lines = [f"# {heading}", "", *_summary(sh, plan, ev)]
-    lines += _heatmaps(run_dir, sh, marked)
+    model = sh.meta.get("model") if sh is not None else (plan or {}).get("base_model")
+    heading = title or f"MSA report: {model or run_dir.name}"
+    lines = [f"# {heading}", ""]
+    if sh is not None:
+        lines += _summary(sh, plan, ev)
+        lines += _heatmaps(run_dir, sh, marked)
+    else:
+        lines += _plan_summary(plan or {}, ev)
+    lines += _candidates(run_dir, plan or {}, ev)
     lines += _ranking(run_dir, sh, plan)
     lines += _eval(run_dir, ev) if ev is not None else []
     lines += _edit(edit) if edit is not None else []
-    lines += _convergence(run_dir, sh, ((plan or {}).get("target") or [None])[0])
-    lines += _tables(sh, set(chosen))
+    if sh is not None:
+        lines += _convergence(run_dir, sh, ((plan or {}).get("target") or [None])[0])
+        lines += _tables(sh, set(chosen))
     lines += _recipe(recipe.read_text()) if recipe.is_file() else []
     return write_text(run_dir / "report.md", "\n".join(lines).rstrip("\n") + "\n")

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,26 @@ from msa_edit.edit import EditRecord, apply_plan
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate.language import language_nll, read_eval_json, write_eval_json
 from msa_edit.export import CardInfo, export_model, push_to_hub, update_card
-from msa_edit.games import LesionGame, MeanNLL, Objective, PositionNLL, Targets, text_blocks
-from msa_edit.lesions import unit_means
+from msa_edit.games import (
+    LesionGame,
+    MeanNLL,
+    Objective,
+    PositionNLL,
+    RowNLL,
+    Targets,
+    text_blocks,
+)
+from msa_edit.lesions import lesioned, scaled, unit_means
 from msa_edit.plan import Plan, make_plan
 from msa_edit.quantize import load_quantized
-from msa_edit.recipes.schema import ModelStage, Recipe
+from msa_edit.recipes.removal import check_feasible, choose_removals
+from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe
+from msa_edit.routing import routing_stats
 from msa_edit.shapley import ShapleyResult, estimate
 from msa_edit.shapley.cache import checkpoint_size
 from msa_edit.shapley.ray_backend import RayBackend
 from msa_edit.tiny_moe import HELDOUT_DIR, build_tiny_moe
-from msa_edit.units import Unit, select
+from msa_edit.units import Unit, discover, select
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,8 @@ SHAPLEY_JSON = "shapley.json"
 SHAPLEY_TENSOR = "shapley.safetensors"
 CHECKPOINT = "shapley.ckpt"
 GAME_KEY = "shapley.game.json"
+SEARCH_CHECKPOINT = "search.ckpt"
+SEARCH_GAME_KEY = "search.game.json"
 PLAN_JSON = "plan.json"
 EDIT_JSON = "edit.json"
 EVAL_JSON = "eval.json"
@@ -221,16 +234,27 @@ def load_targets(recipe: Recipe, tokenizer: Any) -> Targets:
 
 
 def lesion_game(
-    recipe: Recipe, model: PreTrainedModel, units: list[Unit], targets: Targets
+    recipe: Recipe,
+    model: PreTrainedModel,
+    units: list[Unit],
+    targets: Targets,
+    objective: Objective | None = None,
 ) -> LesionGame:
-    """The recipe's lesion game on `model`: its units, targets, objective and lesion."""
-    objective: Objective = MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
+    """The recipe's lesion game on `model`: its units, targets, objective and lesion (a removal
+    search passes `RowNLL()`: one loss per calibration block)."""
+    if objective is None:
+        objective = MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
     lesion = recipe.lesion
     means = unit_means(model, units, targets.input_ids) if lesion.kind == "mean" else None
     return LesionGame(
         model, units, targets, objective, lesion.kind,  # type: ignore[arg-type]
-        alpha=lesion.alpha, means=means, max_rows=recipe.estimator.rows_per_forward,
+        alpha=lesion.alpha, means=means, max_rows=_estimator(recipe).rows_per_forward,
     )  # fmt: skip
+
+
+def _estimator(recipe: Recipe) -> EstimatorStage:
+    """The recipe's estimator settings (defaults where it has no estimator stage)."""
+    return recipe.estimator or EstimatorStage()
 
 
 @dataclass(frozen=True)
@@ -266,15 +290,19 @@ def _game_key(recipe: Recipe, units: list[Unit]) -> dict[str, Any]:
 
 def _checkpoint(recipe: Recipe, out: Path) -> tuple[Path, Path]:
     """The checkpoint's path and the path of the game key stored beside it."""
-    if recipe.estimator.checkpoint:
-        path = Path(recipe.estimator.checkpoint)
+    checkpoint = _estimator(recipe).checkpoint
+    if checkpoint:
+        path = Path(checkpoint)
         return path, path.with_name(path.name + ".game.json")
     return out / CHECKPOINT, out / GAME_KEY
 
 
 def _check_checkpoint(recipe: Recipe, out: Path, key: dict[str, Any]) -> None:
     """Refuse a checkpoint written for another game (its coalition values would be wrong)."""
-    path, key_path = _checkpoint(recipe, out)
+    _check_key(*_checkpoint(recipe, out), key)
+
+
+def _check_key(path: Path, key_path: Path, key: dict[str, Any]) -> None:
     if path.exists():
         old = json.loads(key_path.read_text()) if key_path.is_file() else None
         if old != key:
@@ -288,6 +316,11 @@ def analyze(
     recipe: Recipe, out: Path, loaded: Loaded | None = None, say: Say = say_line
 ) -> ShapleyResult:
     """Shapley modes of the recipe's units on its target sets; writes shapley.json (resumable)."""
+    if recipe.estimator is None:
+        raise MsaEditError(
+            "the recipe has no estimator stage, so there is nothing to analyze; add one "
+            "(estimator: {budget: 512}) or run the plan stage, which evaluates its own coalitions"
+        )
     loaded = loaded or load_model(recipe.model, say=say)
     units = select(loaded.model, list(recipe.units))
     targets = load_targets(recipe, loaded.tokenizer)
@@ -329,30 +362,86 @@ def analyze(
 # --------------------------------------------------------------------------- plan
 
 
-def plan(recipe: Recipe, out: Path, say: Say = say_line) -> Plan:
-    """Choose units from shapley.json as the recipe's plan stage says; writes plan.json."""
+def plan(
+    recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = None
+) -> Plan:
+    """Choose units as the recipe's plan stage says; writes plan.json.
+
+    `method: shapley` reads shapley.json; the other methods load the model (or use `loaded`)
+    and evaluate removal sets (`loo`, `search`) or the router (`reap`, `frequency`) themselves.
+    """
     stage = recipe.plan
     if stage is None:
         raise MsaEditError("the recipe has no plan stage; add plan: {target: [...], per_layer: 1}")
-    record = read_shapley(out)
-    names = list(record["targets"])
-    target = list(stage.target) or names
-    retain = list(stage.retain) if stage.retain is not None else list(recipe.targets.retain)
-    if stage.mode == "specific" and not retain:
-        retain = [n for n in names if n not in target]
-    retain = [n for n in retain if n not in target]
-    shapley = {k: record.get(k) for k in ("method", "budget", "seed", "n_evaluations")}
-    chosen = make_plan(
-        _tensor(record["values"]), _tensor(record["stderr"]),
-        [Unit.parse(n) for n in record["units"]], names,
-        target=target, retain=retain, mode=stage.mode, budget=stage.budget(),
-        action=stage.action, base_model=recipe.model.name, shapley=shapley,
-    )  # fmt: skip
+    if stage.method != "shapley":
+        chosen = _plan_without_shapley(recipe, out, loaded, say)
+    else:
+        record = read_shapley(out)
+        names = list(record["targets"])
+        target, retain = _plan_sets(recipe, names)
+        shapley = {k: record.get(k) for k in ("method", "budget", "seed", "n_evaluations")}
+        chosen = make_plan(
+            _tensor(record["values"]), _tensor(record["stderr"]),
+            [Unit.parse(n) for n in record["units"]], names,
+            target=target, retain=retain, mode=stage.mode, budget=stage.budget(),
+            action=stage.action, base_model=recipe.model.name, shapley=shapley,
+        )  # fmt: skip
     if stage.alpha is not None:
         chosen = replace(chosen, alpha={u: stage.alpha for u in chosen.units})
     chosen.save(out / PLAN_JSON)
     say(f"plan: {chosen.action} {len(chosen.units)} units: {', '.join(chosen.units) or 'none'}")
     return chosen
+
+
+def _plan_sets(recipe: Recipe, names: list[str]) -> tuple[list[str], list[str]]:
+    """The plan's target sets (default: all) and retained sets (default for `specific`: the
+    recipe's retain list, else every set that is not a target)."""
+    stage = recipe.plan
+    assert stage is not None
+    target = list(stage.target) or names
+    retain = list(stage.retain) if stage.retain is not None else list(recipe.targets.retain)
+    if stage.mode == "specific" and not retain:
+        retain = [n for n in names if n not in target]
+    return target, [n for n in retain if n not in target]
+
+
+def _layer_sizes(model: PreTrainedModel, units: list[Unit]) -> dict[tuple[int, str], int]:
+    """How many units of each (layer, kind) of `units` the model has."""
+    sizes: dict[tuple[int, str], int] = {}
+    for u in discover(model, sorted({u.kind for u in units})):
+        sizes[(u.layer, u.kind)] = sizes.get((u.layer, u.kind), 0) + 1
+    return sizes
+
+
+def _plan_without_shapley(recipe: Recipe, out: Path, loaded: Loaded | None, say: Say) -> Plan:
+    """A plan by leave-one-out, search, REAP or routing frequency (`recipes.removal`)."""
+    stage = recipe.plan
+    assert stage is not None
+    loaded = loaded or load_model(recipe.model, say=say)
+    units = select(loaded.model, list(recipe.units))
+    targets = load_targets(recipe, loaded.tokenizer)
+    target, retain = _plan_sets(recipe, list(targets.names))
+    sizes = _layer_sizes(loaded.model, units)
+    shapley = read_shapley(out) if (out / SHAPLEY_JSON).is_file() else None
+    check_feasible(stage, units, sizes, shapley is not None)
+    est = _estimator(recipe)
+    routing = None
+    if all(u.kind == "experts" for u in units):
+        routing = routing_stats(loaded.model, targets.input_ids, batch_size=est.rows_per_forward)
+    game, checkpoint = None, None
+    if stage.method in ("loo", "search"):
+        key = _game_key(recipe, units) | {"objective": "row_nll"}
+        checkpoint, key_path = out / SEARCH_CHECKPOINT, out / SEARCH_GAME_KEY
+        _check_key(checkpoint, key_path, key)
+        prepare(recipe, out)
+        write_json(key_path, key)
+        game = lesion_game(recipe, loaded.model, units, targets, RowNLL())
+        say(f"plan: {stage.method} over {len(units)} units on {targets.n_rows} calibration blocks")
+    return choose_removals(
+        stage, units, targets, target, retain, game=game, routing=routing, shapley=shapley,
+        layer_sizes=sizes, checkpoint=checkpoint, batch_size=est.batch_size,
+        base_model=recipe.model.name, say=say,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- edit
@@ -433,7 +522,7 @@ def metrics(recipe: Recipe, loaded: Loaded, texts: Mapping[str, str]) -> dict[st
             loaded.model, loaded.tokenizer, stage.lm_eval_tasks,
             include_path=stage.lm_eval_include, limit=stage.lm_eval_limit,
             num_fewshot=stage.lm_eval_fewshot, batch_size=stage.batch_size,
-            seed=recipe.estimator.seed,
+            seed=_estimator(recipe).seed,
         )  # fmt: skip
     return out
 
@@ -445,16 +534,58 @@ def _load_edited(recipe: Recipe, out: Path, name: str) -> Loaded:
     return _load(str(out / MODEL_DIR), recipe.model, recipe.model.bits, name=name)
 
 
-def evaluate(recipe: Recipe, out: Path, say: Say = say_line) -> dict[str, dict[str, float]]:
+def evaluate(recipe: Recipe, out: Path, say: Say = say_line) -> dict[str, Any]:
     """Before (base model) and after (model/) metrics; writes eval.json."""
     base = load_model(recipe.model, say=say)
     texts = eval_texts(recipe, base.folder)
     before = metrics(recipe, base, texts)
+    candidates = candidate_metrics(recipe, out, base, texts)
     del base
     after = metrics(recipe, _load_edited(recipe, out, recipe.model.name), texts)
-    write_eval_json(out / EVAL_JSON, before, after)
+    write_eval_json(out / EVAL_JSON, before, after, candidates)
     _say_metrics(out, say)
     return read_eval_json(out / EVAL_JSON)
+
+
+def candidate_metrics(
+    recipe: Recipe, out: Path, loaded: Loaded, texts: Mapping[str, str]
+) -> dict[str, dict[str, float]]:
+    """Held-out NLL per language of every candidate of a search plan (with two or more), each
+    applied as the recipe's lesion to the base model (lesion = edit); {} otherwise."""
+    chosen = Plan.load(out / PLAN_JSON) if (out / PLAN_JSON).is_file() else None
+    found = (chosen.search.get("candidates") or []) if chosen is not None else []
+    if len(found) < 2:
+        return {}
+    stage = recipe.evaluate
+    means = None
+    out_metrics: dict[str, dict[str, float]] = {}
+    for candidate in found:
+        units = [Unit.parse(n) for n in candidate["units"]]
+        if not units:
+            continue
+        if recipe.lesion.kind == "mean" and means is None:
+            ids = load_targets(recipe, loaded.tokenizer).input_ids
+            means = unit_means(loaded.model, select(loaded.model, list(recipe.units)), ids)
+        with _lesion(recipe, loaded.model, units, means):
+            scores = language_nll(
+                loaded.model, loaded.tokenizer, texts,
+                n_seq=stage.n_seq, seq_len=stage.seq_len, batch_size=stage.batch_size,
+            )  # fmt: skip
+        out_metrics[candidate["name"]] = {k: v for k, v in scores.items() if k.startswith("nll/")}
+    return out_metrics
+
+
+def _lesion(
+    recipe: Recipe,
+    model: PreTrainedModel,
+    units: list[Unit],
+    means: Mapping[Unit, torch.Tensor] | None,
+) -> AbstractContextManager[Any]:
+    """The recipe's lesion of `units` on `model`, for the duration of a `with` block."""
+    lesion = recipe.lesion
+    if lesion.kind == "scale":
+        return scaled(model, {u: lesion.alpha for u in units})
+    return lesioned(model, units, lesion.kind, means=means)  # type: ignore[arg-type]
 
 
 def _say_metrics(out: Path, say: Say) -> None:
@@ -516,7 +647,10 @@ def prepare(recipe: Recipe, out: Path) -> Path:
 def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     """Every stage the recipe has, in one process; returns the report's path."""
     loaded = load_model(recipe.model, say=say)
-    select(loaded.model, list(recipe.units))  # a bad unit glob fails before anything is written
+    units = select(loaded.model, list(recipe.units))  # a bad glob fails before anything is written
+    if recipe.plan is not None and recipe.plan.method != "shapley":
+        sizes = _layer_sizes(loaded.model, units)
+        check_feasible(recipe.plan, units, sizes, recipe.estimator is not None)
     targets = load_targets(recipe, loaded.tokenizer)
     texts = eval_texts(recipe, loaded.folder) if recipe.plan is not None else {}
     for source in texts.values():  # a short or missing evaluation text fails before any writing
@@ -525,20 +659,22 @@ def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
         from msa_edit.evaluate.harness import check_tasks
 
         check_tasks(recipe.evaluate.lm_eval_tasks, recipe.evaluate.lm_eval_include)
-    analyze(recipe, out, loaded, say)
+    if recipe.estimator is not None:
+        analyze(recipe, out, loaded, say)
     if recipe.plan is None:
         return export(recipe, out, say)
-    plan(recipe, out, say)
+    plan(recipe, out, say, loaded)
     before = metrics(recipe, loaded, texts)
+    candidates = candidate_metrics(recipe, out, loaded, texts)
     if recipe.model.bits is None:
         _say_records(apply(recipe, out, loaded.model, targets), say)
         after = metrics(recipe, loaded, texts)
-        write_eval_json(out / EVAL_JSON, before, after)
+        write_eval_json(out / EVAL_JSON, before, after, candidates)
         _export(recipe, out, loaded, read_eval_json(out / EVAL_JSON))
     else:  # edit the full-precision weights, evaluate the edited model quantised like the base
         del loaded
         edit(recipe, out, say)
         after = metrics(recipe, _load_edited(recipe, out, recipe.model.name), texts)
-        write_eval_json(out / EVAL_JSON, before, after)
+        write_eval_json(out / EVAL_JSON, before, after, candidates)
     _say_metrics(out, say)
     return export(recipe, out, say)

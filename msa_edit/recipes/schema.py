@@ -39,7 +39,8 @@ from pydantic import (
 
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import LESION_KINDS
-from msa_edit.plan import Action, Budget, Mode
+from msa_edit.plan import Action, Budget, Method, Mode
+from msa_edit.search import SearchSettings
 from msa_edit.shapley.estimate import METHODS
 from msa_edit.shapley.ray_backend import RayBackend
 from msa_edit.units import Unit
@@ -324,17 +325,33 @@ class EstimatorStage(_Stage):
 
 
 class PlanStage(_Stage):
-    """`make_plan` settings: what to do with which target sets, under a `Budget`."""
+    """What to do with which units, chosen how (`method`), under a `Budget`.
+
+    `mode` is the question: `least_useful` (compression: lose least on the target sets) or
+    `specific` (hurt the target sets, spare the retained ones). `method` is how units are chosen:
+    `shapley` ranks by the analysis' Shapley modes; `loo` by leave-one-out and `search` by
+    greedy rounds that evaluate removal sets with the game (`msa_edit.search`; `coalitions`,
+    `rounds`, `width`, `swaps` are its knobs); `reap` and `frequency` by the router's statistics
+    (experts, `least_useful` only). For `specific` searches a retained set may rise by at most
+    `retain_bound` nats, or by default `retain_z` standard errors of its own increase.
+    """
 
     action: Action = "remove"
     target: tuple[str, ...] = ()
     retain: tuple[str, ...] | None = None
     mode: Mode = "specific"
+    method: Method = "shapley"
     per_layer: PosInt | None = None
     fraction: Annotated[float, Field(gt=0, le=1)] | None = None
     min_keep_per_layer: NonNegInt = 0
     min_z: float | None = None
     alpha: float | None = None
+    coalitions: PosInt | None = None
+    rounds: PosInt | None = None
+    width: NonNegInt = 2
+    swaps: NonNegInt = 0
+    retain_bound: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    retain_z: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 2.0
 
     @model_validator(mode="after")
     def _has_budget(self) -> PlanStage:
@@ -344,6 +361,19 @@ class PlanStage(_Stage):
             raise _At(("target",), "mode 'specific' needs target sets, e.g. target: [ru]")
         if (self.action == "scale") != (self.alpha is not None):
             raise _At(("alpha",), "give alpha (the factor) exactly when action is 'scale'")
+        if self.method != "shapley" and self.action == "scale":
+            raise _At(("method",), f"method {self.method!r} chooses removals; use action remove")
+        if self.method in ("reap", "frequency") and self.mode != "least_useful":
+            raise _At(
+                ("method",),
+                f"{self.method} is a compression score: use it with mode least_useful "
+                "(for targeted removal use method search or shapley)",
+            )
+        searching = ("coalitions", "rounds", "width", "swaps", "retain_bound", "retain_z")
+        if self.method not in ("loo", "search"):
+            for key in searching:
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise _At((key,), f"only used with method loo or search ({self.method!r})")
         return self
 
     def budget(self) -> Budget:
@@ -353,6 +383,14 @@ class PlanStage(_Stage):
         0.25
         """
         return Budget(self.per_layer, self.fraction, self.min_keep_per_layer, self.min_z)
+
+    def search_settings(self) -> SearchSettings:
+        """The `msa_edit.search.SearchSettings` these fields describe.
+
+        >>> PlanStage(mode="least_useful", method="search", per_layer=2).search_settings().width
+        2
+        """
+        return SearchSettings(self.rounds, self.width, self.swaps)
 
 
 class HealStage(_Stage):
@@ -414,15 +452,17 @@ class ExportStage(_Stage):
 
 
 class Recipe(_Stage):
-    """One run: model, units, targets and estimator are required; the rest have defaults.
+    """One run: model, units and targets are required; the rest have defaults.
 
-    Without a `plan` stage the run stops after the analysis (shapley.json).
+    `estimator` (the Shapley analysis, shapley.json) is required unless the plan chooses its
+    units without Shapley values (`plan.method` loo, search, reap or frequency). Without a
+    `plan` stage the run stops after the analysis.
     """
 
     model: ModelStage
     units: tuple[UnitPattern, ...]
     targets: TargetsStage
-    estimator: EstimatorStage
+    estimator: EstimatorStage | None = None
     lesion: LesionStage = LesionStage()
     plan: PlanStage | None = None
     edit: EditStage = EditStage()
@@ -453,6 +493,19 @@ class Recipe(_Stage):
                         ("lesion", "kind"),
                         f"'reroute' applies to experts only but units.{i} is {pattern!r}; "
                         "use zero, mean or scale",
+                    )
+        if self.estimator is None and (self.plan is None or self.plan.method == "shapley"):
+            raise _At(
+                ("estimator",),
+                "missing (required); only a plan with method loo, search, reap or frequency "
+                "chooses units without a Shapley analysis",
+            )
+        if self.plan is not None and self.plan.method in ("reap", "frequency"):
+            for i, pattern in enumerate(self.units):
+                if not _experts_only(pattern):
+                    raise _At(
+                        ("plan", "method"),
+                        f"{self.plan.method} scores experts only but units.{i} is {pattern!r}",
                     )
         if self.plan is not None:
             for key in ("target", "retain"):

@@ -167,9 +167,8 @@ def test_mixtral_compress_recipe_runs_unchanged(tiny_mixtral: Path, tmp_path: Pa
     overrides = [
         f"model.path={tiny_mixtral}",
         "model.dtype=float32",
-        "estimator.budget=30",
         f"targets.sets.calibration.path={calibration}",  # pile-10k comes from the Hub
-        "targets.sets.calibration.n_seq=2",
+        "targets.sets.calibration.n_seq=4",
         "targets.sets.calibration.seq_len=32",
         "evaluate.lm_eval_tasks=[]",
         "evaluate.n_seq=4",
@@ -178,6 +177,8 @@ def test_mixtral_compress_recipe_runs_unchanged(tiny_mixtral: Path, tmp_path: Pa
     assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert reloaded.config.num_local_experts == 2  # 2 of 4 removed per layer, top-2 kept
+    plan = Plan.load(tmp_path / "plan.json")
+    assert plan.method == "search" and plan.search["n_evaluations"] <= 454
 
 
 def test_killed_run_resumes_from_the_checkpoint(tiny_mixtral: Path, tmp_path: Path) -> None:

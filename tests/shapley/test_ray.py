@@ -29,11 +29,17 @@ ARGS = {"method": "kernel", "budget": 200, "seed": 3, "batch_size": 16, "progres
 
 
 def toy_game() -> Game:
-    """A nonlinear game with 3 outputs: v(S) = tanh(mask(S) @ W) @ U, fixed random W and U."""
+    """A nonlinear game with 3 outputs: v(S) = tanh(mask(S) @ W) @ U, fixed random W and U.
+
+    The products are written as broadcast sums so each row's bits do not depend on the batch
+    it is evaluated in: MKL's matmul picks kernels by the number of rows, so `c @ w` can differ
+    in the last bit between batches of 16 and 7 (seen on AVX-512), and a resumed run, which
+    batches only the missing coalitions, would then differ from a clean one for that reason.
+    """
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(N, 16, generator=gen, dtype=torch.float64)
     u = torch.randn(16, 3, generator=gen, dtype=torch.float64)
-    return lambda c: torch.tanh(c.double() @ w) @ u
+    return lambda c: (torch.tanh((c.double()[:, :, None] * w).sum(1))[:, :, None] * u).sum(1)
 
 
 @dataclass(frozen=True)
