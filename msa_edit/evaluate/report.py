@@ -318,6 +318,13 @@ def _candidates(
         if targeted:
             cells.append("yes" if c.get("feasible") else "no")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "<details><summary>the candidates' removal sets</summary>", ""]
+    lines += [
+        f"- {_cell(str(c.get('name')))}: " + (", ".join(f"`{u}`" for u in c.get("units") or [])
+                                                or "nothing")
+        for c in found
+    ]  # fmt: skip
+    lines += ["", "</details>"]
     names = [str(c.get("name")) for c in found]
     series = {"calibration, check half": [float(c["check"]) for c in found]}
     shown = [g for g in langs if g in (plan.get("target") or [])] if targeted else langs
