@@ -30,7 +30,8 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,12 +40,16 @@ import yaml
 from huggingface_hub import HfApi, get_token
 
 from msa_edit.atomic import write_json, write_text
+from msa_edit.edit.checkpoint import slice_checkpoint
+from msa_edit.edit.experts import Extra
+from msa_edit.edit.record import EditRecord
 from msa_edit.errors import MsaEditError
+from msa_edit.units import Unit
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["CardInfo", "export_model", "push_to_hub", "render_card"]
+__all__ = ["CardInfo", "export_checkpoint", "export_model", "push_to_hub", "render_card"]
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +127,50 @@ def export_model(
     """
     out = Path(out_dir)
     info = _as_card(card)
-    _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with _staged(out, overwrite) as tmp:
         _write_export(model, tokenizer, tmp, info, max_shard_size, title=out.name)
-        tmp.chmod(0o755)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported model to %s", out)
     return out
+
+
+COPIED_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja", ".py")
+"""Files of a source model folder `export_checkpoint` copies besides the weights: tokenizer,
+generation config, chat template (never other weight formats)."""
+_NOT_COPIED = {"config.json", "model.safetensors.index.json", CARD_NAME, INFO_NAME}
+
+
+def export_checkpoint(
+    src: str | os.PathLike[str],
+    units: Sequence[Unit],
+    out_dir: str | os.PathLike[str],
+    *,
+    card: CardInfo | Mapping[str, Any] | None = None,
+    extra: Extra = "refuse",
+    overwrite: bool = False,
+) -> tuple[Path, EditRecord]:
+    """Export the checkpoint of `src` (a local folder or Hub id) without the experts `units`,
+    streaming its shards (`edit.checkpoint.slice_checkpoint`: the model is never loaded), with
+    its tokenizer files and a model card; atomic like `export_model`. Returns the folder and
+    what the edit did.
+
+    >>> # out, record = export_checkpoint("mistralai/Mixtral-8x7B-v0.1", units, "run/model")
+    """
+    from msa_edit.quantize import model_folder
+
+    folder = model_folder(os.fspath(src))
+    out = Path(out_dir)
+    info = _as_card(card)
+    with _staged(out, overwrite) as tmp:
+        record = slice_checkpoint(folder, units, tmp, extra=extra)
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix in COPIED_SUFFIXES and path.name not in _NOT_COPIED:
+                shutil.copy2(path, tmp / path.name)
+        if info.license is None:
+            info = dataclasses.replace(info, license=_card_license(folder))
+        (tmp / CARD_NAME).write_text(render_card(info, title=out.name), encoding="utf-8")
+        (tmp / INFO_NAME).write_text(json.dumps(info.to_json(), indent=2) + "\n", encoding="utf-8")
+    log.info("exported %s without %d experts to %s", folder, len(units), out)
+    return out, record
 
 
 def update_card(out_dir: str | os.PathLike[str], card: CardInfo | Mapping[str, Any]) -> Path:
@@ -201,6 +238,22 @@ def _save_tokenizer(
     tokenizer.save_pretrained(tmp)
 
 
+@contextmanager
+def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside `out` to fill; it replaces `out` when the block succeeds and is
+    deleted when it raises."""
+    _check_target(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished ``tmp`` to ``out``; an existing ``out`` is set aside, then deleted."""
     if not out.exists():
@@ -223,11 +276,18 @@ def _base_license(base_model: str | None, model: PreTrainedModel) -> str | None:
     if isinstance(from_config, str):
         return from_config
     for source in (base_model, getattr(config, "_name_or_path", None)):
-        if source and (Path(source) / CARD_NAME).is_file():
-            meta = _front_matter((Path(source) / CARD_NAME).read_text(encoding="utf-8"))
-            if isinstance(meta.get("license"), str):
-                return str(meta["license"])
+        found = _card_license(Path(source)) if source else None
+        if found:
+            return found
     return None
+
+
+def _card_license(folder: Path) -> str | None:
+    """The ``license`` in the front matter of a local model folder's card, if any."""
+    if not (folder / CARD_NAME).is_file():
+        return None
+    meta = _front_matter((folder / CARD_NAME).read_text(encoding="utf-8"))
+    return str(meta["license"]) if isinstance(meta.get("license"), str) else None
 
 
 def _front_matter(text: str) -> dict[str, Any]:

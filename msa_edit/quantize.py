@@ -255,7 +255,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def _resolve_folder(path_or_id: str | Path) -> Path:
+def model_folder(path_or_id: str | Path) -> Path:
     """A local model directory: `path_or_id` itself or a Hub snapshot (configs, safetensors)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
@@ -276,7 +276,7 @@ def _resolve_folder(path_or_id: str | Path) -> Path:
         ) from exc
 
 
-def _shards(folder: Path) -> list[Path]:
+def checkpoint_shards(folder: Path) -> list[Path]:
     """The safetensors files of the checkpoint in `folder`, in index order."""
     index = folder / _WEIGHTS_INDEX
     if index.is_file():
@@ -430,7 +430,9 @@ def _iter_checkpoint(shards: list[Path]) -> Iterator[tuple[str, Any]]:
                 yield key, handle
 
 
-def _rename(key: str, model_type: str) -> str:
+def checkpoint_key(key: str, model_type: str) -> str:
+    """A checkpoint's tensor name as the transformers 5 module tree names it (older Mixtral
+    checkpoints say `block_sparse_moe` where transformers 5 says `mlp`)."""
     for old, new in _CHECKPOINT_RENAMES.get(model_type, ()):
         key = key.replace(old, new)
     return key
@@ -443,7 +445,7 @@ def _stream_weights(loader: _Loader, shards: list[Path]) -> list[str]:
     halves: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     unexpected: list[str] = []
     for key, handle in _iter_checkpoint(shards):
-        name = _rename(key, model.config.model_type)
+        name = checkpoint_key(key, model.config.model_type)
         expert, fused = _EXPERT_KEY.match(name), _FUSED_KEY.match(name)
         if expert and isinstance(_module_or_none(model, expert["path"]), LinearExperts):
             _put_expert(loader, expert, handle.get_tensor(key), halves)
@@ -512,7 +514,7 @@ def _load_moe(
     bnb = _import_bnb()
     _replace_linears(model, bits, dtype, bnb)
     loader = _Loader(model, bnb, dtype, device)
-    unexpected = _stream_weights(loader, _shards(folder))
+    unexpected = _stream_weights(loader, checkpoint_shards(folder))
     _finish(model, folder, unexpected)
     _guard_cpu_packing(model, bnb)
     if device.type != "cpu":  # the skeleton built its buffers on the CPU
@@ -596,7 +598,7 @@ def load_quantized(
     _check_bits(bits)
     _import_bnb()
     dev = _resolve_device(device)
-    folder = _resolve_folder(path_or_id)
+    folder = model_folder(path_or_id)
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:

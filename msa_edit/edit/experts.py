@@ -36,7 +36,7 @@ def remove_experts(
     >>> # record.matches -> 'reroute'; model.save_pretrained(out) reloads without custom code
     """
     per_layer = _plan(model, units, extra)
-    removed, zeroed = _split(per_layer)
+    removed, zeroed = split_layout(per_layer)
     before = n_params(model)
     for layer_idx, experts in zeroed.items():
         _zero(model, layer_idx, experts)
@@ -72,12 +72,31 @@ def _plan(model: nn.Module, units: Sequence[Unit], extra: Extra) -> dict[int, li
     Lesion(model, list(units), "reroute")  # validates kind, layer and expert indices
     _check_weights(model)
     layers = decoder_layers(model)
-    per_layer: dict[int, list[int]] = {
-        i: [] for i, layer in enumerate(layers) if moe_block(model, layer) is not None
-    }
+    moe_layers = [i for i, layer in enumerate(layers) if moe_block(model, layer) is not None]
+    top_k = int(_config(model).num_experts_per_tok)
+    return removal_layout(units, moe_layers, n_experts(model), top_k, extra)
+
+
+def removal_layout(
+    units: Sequence[Unit], moe_layers: Sequence[int], total: int, top_k: int, extra: Extra
+) -> dict[int, list[int]]:
+    """Requested experts per MoE layer (every MoE layer listed), checked against the rules every
+    expert editor follows: at least top-k experts stay, and non-uniform removal needs
+    `extra="zero"`. Raises `MsaEditError` otherwise.
+
+    >>> removal_layout([Unit(1, "experts", 3)], [0, 1], 8, 2, "zero")
+    {0: [], 1: [3]}
+    """
+    if extra not in ("refuse", "zero"):
+        raise MsaEditError(f"unknown extra={extra!r}; use 'refuse' or 'zero'")
+    per_layer: dict[int, list[int]] = {i: [] for i in moe_layers}
     for unit in sorted(set(units)):
+        if unit.kind != "experts" or unit.layer not in per_layer or not 0 <= unit.index < total:
+            raise MsaEditError(
+                f"{unit} is not an expert of this model (MoE layers {list(moe_layers)}, "
+                f"{total} experts each)"
+            )
         per_layer[unit.layer].append(unit.index)
-    top_k, total = int(_config(model).num_experts_per_tok), n_experts(model)
     for layer_idx, experts in per_layer.items():
         if total - len(experts) < top_k:
             raise MsaEditError(
@@ -108,7 +127,9 @@ def _check_weights(model: nn.Module) -> None:
             )
 
 
-def _split(per_layer: dict[int, list[int]]) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+def split_layout(
+    per_layer: dict[int, list[int]],
+) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     """(sliced, zeroed) experts per layer: the lowest `min count` indices are sliced."""
     common = min((len(e) for e in per_layer.values()), default=0)
     sliced = {i: e[:common] for i, e in per_layer.items()}

@@ -29,7 +29,7 @@ from msa_edit.atomic import atomic_path, write_json, write_text
 from msa_edit.edit import EditRecord, apply_plan
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate.language import language_nll, read_eval_json, write_eval_json
-from msa_edit.export import CardInfo, export_model, push_to_hub, update_card
+from msa_edit.export import CardInfo, export_checkpoint, export_model, push_to_hub, update_card
 from msa_edit.games import (
     LesionGame,
     MeanNLL,
@@ -91,14 +91,18 @@ def load_model(stage: ModelStage, *, quantized: bool = True, say: Say = say_line
     """
     bits = f", {stage.bits}-bit" if stage.bits and quantized else ""
     say(f"model: {stage.name} ({stage.dtype}{bits})")
+    folder = model_source(stage, say)
+    return _load(folder, stage, stage.bits if quantized else None, name=stage.name)
+
+
+def model_source(stage: ModelStage, say: Say = say_line) -> str:
+    """The recipe model's folder or Hub id (a tiny MoE is built first, or taken from the cache)."""
     if stage.tiny_moe is not None:
         spec = stage.tiny_moe
         say("model: tiny MoE from its texts (trained on first use, minutes on a CPU; then cached)")
-        folder = str(build_tiny_moe(spec.texts, steps=spec.steps, seed=spec.seed))
-    else:
-        assert stage.path is not None
-        folder = stage.path
-    return _load(folder, stage, stage.bits if quantized else None, name=stage.name)
+        return str(build_tiny_moe(spec.texts, steps=spec.steps, seed=spec.seed))
+    assert stage.path is not None
+    return stage.path
 
 
 def _load(folder: str, stage: ModelStage, bits: int | None, name: str) -> Loaded:
@@ -478,12 +482,39 @@ def apply(
 
 
 def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
-    """Load the base model, apply plan.json and export the result to model/ (no metrics yet)."""
+    """Apply plan.json to the base model and export the result to model/ (no metrics yet).
+
+    An expert removal without healing is done on the checkpoint's shards, one tensor slab at a
+    time (`export.export_checkpoint`), so a 4-bit recipe never materialises the full-precision
+    model; other edits load the base model in full precision, apply the plan and export it.
+    """
+    chosen = Plan.load(out / PLAN_JSON) if (out / PLAN_JSON).is_file() else None
+    if chosen is not None and _streamable(recipe, chosen):
+        folder = model_source(recipe.model, say)
+        say(f"edit: removing {len(chosen.units)} experts from the checkpoint shards of {folder}")
+        path, record = export_checkpoint(
+            folder, chosen.unit_list, out / MODEL_DIR, card=_card(recipe, out, None),
+            extra=recipe.edit.extra, overwrite=True,
+        )  # fmt: skip
+        write_json(out / EDIT_JSON, {"records": [json.loads(record.to_json())], "healed": None})
+        _say_records([record], say)
+        return path
     loaded = load_model(recipe.model, quantized=False, say=say)
     targets = load_targets(recipe, loaded.tokenizer) if recipe.edit.heal else None
     records = apply(recipe, out, loaded.model, targets)
     _say_records(records, say)
     return _export(recipe, out, loaded, metrics=None)
+
+
+def _streamable(recipe: Recipe, chosen: Plan) -> bool:
+    """Whether the plan is an expert removal the checkpoint surgery can do (no healing)."""
+    units = chosen.unit_list
+    return (
+        chosen.action in ("remove", "prune")
+        and bool(units)
+        and all(u.kind == "experts" for u in units)
+        and recipe.edit.heal is None
+    )
 
 
 def _say_records(records: list[EditRecord], say: Say) -> None:

@@ -139,8 +139,20 @@ def test_stage_commands_with_a_hand_edited_plan(tiny_mixtral: Path, tmp_path: Pa
     assert "layers.1.experts.3" in (out / "report.md").read_text()
 
 
-def test_mixtral_language_recipe_runs_unchanged_in_4bit(tiny_mixtral: Path, tmp_path: Path) -> None:
+def test_mixtral_language_recipe_runs_unchanged_in_4bit(
+    tiny_mixtral: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("bitsandbytes")
+    from msa_edit.recipes import runner
+
+    loads: list[int | None] = []
+    real_load = runner._load
+
+    def recording(folder, stage, bits, name):
+        loads.append(bits)
+        return real_load(folder, stage, bits, name)
+
+    monkeypatch.setattr(runner, "_load", recording)
     overrides = [
         f"model.path={tiny_mixtral}",
         "model.dtype=float32",  # bfloat16 matmuls are not supported by this CPU
@@ -159,6 +171,8 @@ def test_mixtral_language_recipe_runs_unchanged_in_4bit(tiny_mixtral: Path, tmp_
     assert plan.target == ["fr"] and plan.retain == ["en", "de", "es"] and plan.units
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert reloaded.config.num_local_experts < 4 or "zero" in (tmp_path / "edit.json").read_text()
+    assert loads and set(loads) == {4}  # the edit streamed the shards: no full-precision load
+    assert "streamed from" in (tmp_path / "edit.json").read_text()
 
 
 def test_mixtral_compress_recipe_runs_unchanged(tiny_mixtral: Path, tmp_path: Path) -> None:
