@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from msa_edit.errors import MsaEditError
+from msa_edit.errors import MsaEditError, short
 from msa_edit.recipes import Recipe, load_recipe, runner
 from msa_edit.shapley import METHODS, estimate
 from msa_edit.shapley.exact import EXACT_MAX_PLAYERS
@@ -236,7 +236,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MsaEditError as exc:
         print(f"msa-edit: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        reason = system_failure(exc)
+        if reason is None:
+            raise
+        print(f"msa-edit: error: {reason}", file=sys.stderr)
+        return 2
     return 0
+
+
+def system_failure(exc: BaseException) -> str | None:
+    """One line for a failure of the machine rather than of msa-edit (a full disk, a read-only or
+    vanished file, a failed safetensors write); None for anything else (a bug: traceback).
+
+    >>> system_failure(OSError(28, "No space left on device", "run/model")).split(";")[0]
+    "No space left on device: 'run/model'"
+    """
+    if isinstance(exc, OSError):
+        where = f": {short(exc.filename)}" if exc.filename else ""
+        what = exc.strerror or exc.__class__.__name__
+    elif type(exc).__name__ == "SafetensorError":
+        what, where = f"safetensors could not write ({str(exc).splitlines()[0][:200]})", ""
+    else:
+        return None
+    return (
+        f"{what}{where}; free space or choose another --out, then rerun (finished stages are kept)"
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ metrics). The write is atomic: everything goes into a temporary directory beside
 is renamed into place at the end, so a failure leaves neither a half-written ``out_dir`` nor the
 temporary directory behind.
 
-``push_to_hub`` uploads such a directory with ``huggingface_hub.HfApi``. The token is only ever
-handed to ``HfApi``; it is never printed, logged, written to a file or put in an exception message.
+``push_to_hub`` (from ``msa_edit.hub``, re-exported here) uploads such a directory, with timeouts
+and bounded retries; the token never reaches a message, a log or a file.
 
 Example (the card alone; exporting needs a model and a tokenizer)::
 
@@ -28,8 +28,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,13 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from huggingface_hub import HfApi, get_token
 
-from msa_edit.atomic import write_json, write_text
+from msa_edit.atomic import staged_dir, write_json, write_text
 from msa_edit.edit.checkpoint import slice_checkpoint
 from msa_edit.edit.experts import Extra
 from msa_edit.edit.record import EditRecord
 from msa_edit.errors import MsaEditError
+from msa_edit.hub import push_to_hub
 from msa_edit.units import Unit
 
 if TYPE_CHECKING:
@@ -240,33 +238,11 @@ def _save_tokenizer(
 
 @contextmanager
 def _staged(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside `out` to fill; it replaces `out` when the block succeeds and is
-    deleted when it raises."""
+    """A temporary folder beside `out` to fill; it replaces `out` when the block succeeds (never
+    leaving a moment without `out`) and is deleted when it raises."""
     _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         yield tmp
-        tmp.chmod(0o755)
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an existing ``out`` is set aside, then deleted."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _base_license(base_model: str | None, model: PreTrainedModel) -> str | None:
@@ -448,65 +424,3 @@ def _plain(x: Any) -> Any:
     if hasattr(x, "tolist"):
         return _plain(x.tolist())
     return str(x)
-
-
-# --------------------------------------------------------------------------- hub
-
-
-def push_to_hub(
-    out_dir: str | os.PathLike[str],
-    repo_id: str,
-    *,
-    private: bool = False,
-    commit_message: str = "Upload model edited with msa-edit",
-    token: str | None = None,
-    endpoint: str | None = None,
-) -> str:
-    """Create ``repo_id`` (if missing) and upload the exported directory; returns the commit URL.
-
-    The token comes from ``token``, else ``HF_TOKEN`` or the saved login
-    (``huggingface_hub.get_token``). ``endpoint`` (else ``HF_ENDPOINT``, else the public Hub) lets
-    it target another server, e.g. a local one.
-
-    >>> push_to_hub("runs/demo/model", "me/tiny-moe-no-ru", private=True)  # doctest: +SKIP
-    'https://huggingface.co/me/tiny-moe-no-ru/commit/...'
-    """
-    folder = Path(out_dir)
-    if not (folder / "config.json").is_file():
-        raise MsaEditError(
-            f"{folder} is not an exported model (no config.json); run export_model first"
-        )
-    secret = token or get_token()
-    if not secret:
-        raise MsaEditError(
-            "no Hugging Face token found; pass token=..., set HF_TOKEN, or run `hf auth login`"
-        )
-    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=secret)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            folder_path=folder, repo_id=repo_id, repo_type="model", commit_message=commit_message
-        )
-    except Exception as err:  # re-raised as one line; the cause is dropped so no header leaks
-        reason = _scrub(_one_line(err), secret)
-        raise MsaEditError(
-            f"push of {folder} to {repo_id} at {api.endpoint} failed ({reason}); "
-            "check the repo id, the token's write permission and the endpoint"
-        ) from None
-    log.info("pushed %s to %s (%s)", folder, repo_id, info.commit_url)
-    return str(info.commit_url)
-
-
-def _one_line(err: Exception) -> str:
-    """The error's type, first line and (for Hub HTTP errors) the server's message, on one line."""
-    lines = str(err).splitlines() or [""]
-    text = f"{type(err).__name__}: {lines[0]}"
-    server = getattr(err, "server_message", None)
-    if server:
-        text += f" ({' '.join(str(server).split())})"
-    return text
-
-
-def _scrub(text: str, secret: str) -> str:
-    """``text`` with every occurrence of ``secret`` masked."""
-    return text.replace(secret, "***") if secret else text

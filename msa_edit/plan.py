@@ -15,18 +15,18 @@ leave-one-out, a search over removal sets or the router's statistics (`Plan.meth
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from msa_edit.atomic import write_json
-from msa_edit.errors import MsaEditError
+from msa_edit.atomic import read_json, write_json
+from msa_edit.errors import MsaEditError, short
 from msa_edit.shapley.result import InteractionResult
 from msa_edit.units import Unit
 
@@ -117,20 +117,50 @@ class Plan:
         return out
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Plan:
+    def from_json(cls, obj: Mapping[str, Any]) -> Plan:
+        """A plan from its plan.json object; every field's type is checked (one error line).
+
+        Unit names are stored canonically; `scores`, `stderr` and `alpha` map unit names to
+        finite numbers, and each alpha (a scale factor) is within ±`MAX_ALPHA`.
+
+        >>> Plan.from_json({"action": "scale", "units": ["layers.0.experts.1"], "scores": {},
+        ...                 "target": ["ru"], "base_model": "m",
+        ...                 "alpha": {"layers.0.experts.1": 1e9}})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        msa_edit.errors.MsaEditError: plan alpha of layers.0.experts.1 is 1e+09; a scale factor ...
+        """
+        if not isinstance(obj, Mapping):
+            raise MsaEditError(f"a plan is a JSON object of fields, got {_kind(obj)}; re-plan")
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(obj) - known)
+        unknown = sorted(str(k) for k in set(obj) - known)
         if unknown:
-            raise MsaEditError(f"plan has unknown fields {unknown}; known: {sorted(known)}")
+            shown = short(unknown)
+            raise MsaEditError(f"plan has unknown fields {shown}; known: {sorted(known)}")
+        missing = [k for k in ("action", "units", "scores", "target", "base_model") if k not in obj]
+        if missing:
+            raise MsaEditError(f"plan lacks fields {missing}; re-plan or add them")
         if obj.get("action") not in ("remove", "prune", "scale"):
-            action = obj.get("action")
-            raise MsaEditError(f"plan action must be remove, prune or scale, got {action!r}")
+            action = short(obj.get("action"))
+            raise MsaEditError(f"plan action must be remove, prune or scale, got {action}")
         if obj.get("method", "shapley") not in METHODS:
-            method = obj.get("method")
-            raise MsaEditError(f"plan method must be one of {', '.join(METHODS)}, got {method!r}")
-        for name in obj.get("units", []):
-            Unit.parse(name)
-        return cls(**{**obj, "units": tuple(obj.get("units", []))})
+            method = short(obj.get("method"))
+            raise MsaEditError(f"plan method must be one of {', '.join(METHODS)}, got {method}")
+        if obj.get("mode", "specific") not in ("specific", "least_useful"):
+            mode = short(obj.get("mode"))
+            raise MsaEditError(f"plan mode must be specific or least_useful, got {mode}")
+        units = _unit_names(obj["units"])
+        fields: dict[str, Any] = {
+            "units": units,
+            "target": _strings(obj["target"], "target"),
+            "retain": _strings(obj.get("retain", []), "retain"),
+            "base_model": _string(obj["base_model"], "base_model"),
+            "scores": _numbers(obj["scores"], "scores"),
+            "stderr": _numbers(obj.get("stderr", {}), "stderr"),
+            "alpha": _numbers(obj.get("alpha", {}), "alpha", units=units),
+        }
+        for key in ("budget", "shapley", "search"):
+            fields[key] = _record(obj.get(key, {}), key)
+        return cls(**{**obj, **fields})
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write plan.json atomically (temp file, then rename)."""
@@ -138,12 +168,105 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
+        """Read and check plan.json: strict UTF-8 JSON (no NaN or Infinity), then `from_json`."""
+        obj = read_json(path, "fix it or re-plan")
         try:
-            obj = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            reason = exc.__class__.__name__
-            raise MsaEditError(f"cannot read plan {path} ({reason}); fix it or re-plan") from exc
-        return cls.from_json(obj)
+            return cls.from_json(obj)
+        except MsaEditError as exc:
+            raise MsaEditError(f"{path}: {exc}") from None
+
+
+MAX_ALPHA = 1000.0
+"""The largest |alpha| (scale factor) a plan may hold."""
+MAX_DEPTH = 32
+"""How deeply plan.json's records (budget, shapley, search) may nest."""
+
+
+def _kind(value: Any) -> str:
+    """The JSON kind of a value, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an object" if isinstance(value, Mapping) else "an array"
+
+
+def _string(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise MsaEditError(f"plan {key} must be a string, got {_kind(value)}")
+    return value
+
+
+def _strings(value: Any, key: str) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise MsaEditError(f"plan {key} must be a list of target-set names (strings)")
+    return list(value)
+
+
+def _unit_names(value: Any) -> tuple[str, ...]:
+    """Canonical unit names, each once."""
+    if not isinstance(value, (list, tuple)):
+        raise MsaEditError(f"plan units must be a list of unit names, got {_kind(value)}")
+    names = [_unit(v, "units") for v in value]
+    twice = sorted(n for n, count in Counter(names).items() if count > 1)
+    if twice:
+        raise MsaEditError(f"plan units name {', '.join(twice[:3])} twice; list each unit once")
+    return tuple(names)
+
+
+def _unit(name: Any, key: str) -> str:
+    """The canonical form of a unit name in plan field `key`."""
+    try:
+        return str(Unit.parse(name))
+    except MsaEditError as exc:
+        raise MsaEditError(f"plan {key}: {exc}") from None
+
+
+def _numbers(value: Any, key: str, units: Sequence[str] | None = None) -> dict[str, float]:
+    """A mapping of unit name -> finite number; with `units`, an alpha of plan units."""
+    if not isinstance(value, Mapping):
+        raise MsaEditError(f"plan {key} must map unit names to numbers, got {_kind(value)}")
+    allowed = None if units is None else set(units)
+    out: dict[str, float] = {}
+    for name, number in value.items():
+        unit = _unit(name, key)
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise MsaEditError(f"plan {key} of {unit} must be a number, got {_kind(number)}")
+        if not math.isfinite(number):
+            raise MsaEditError(f"plan {key} of {unit} is {number}; use a finite number")
+        if allowed is not None:
+            if unit not in allowed:
+                raise MsaEditError(
+                    f"plan alpha names {unit}, which is not in the plan's units; "
+                    "add it to units or drop its alpha"
+                )
+            if abs(number) > MAX_ALPHA:
+                raise MsaEditError(
+                    f"plan alpha of {unit} is {number:g}; a scale factor must be finite and "
+                    f"within ±{MAX_ALPHA:g}"
+                )
+            name = unit
+        out[name] = number
+    return out
+
+
+def _record(value: Any, key: str) -> dict[str, Any]:
+    """A JSON object of the plan's provenance (`budget`, `shapley`, `search`), not too deep."""
+    if not isinstance(value, Mapping):
+        raise MsaEditError(f"plan {key} must be a JSON object, got {_kind(value)}")
+    level: list[Any] = [value]
+    depth = 1
+    while level:
+        if depth > MAX_DEPTH:
+            raise MsaEditError(f"plan {key} nests deeper than {MAX_DEPTH} levels; re-plan")
+        children = [v for x in level for v in (x.values() if isinstance(x, Mapping) else x)]
+        level = [c for c in children if isinstance(c, (Mapping, list, tuple))]
+        depth += 1
+    return dict(value)
 
 
 def scores(

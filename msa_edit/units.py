@@ -15,12 +15,14 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
-from msa_edit.errors import MsaEditError
+from msa_edit.errors import MsaEditError, short
 
 Kind = Literal["experts", "heads", "neurons", "layer"]
 KINDS: tuple[Kind, ...] = ("experts", "heads", "neurons", "layer")
 
-_NAME = re.compile(r"^layers\.(\d+)(?:\.(experts|heads|mlp\.neurons)\.(\d+))?$")
+_NAME = re.compile(r"layers\.([0-9]+)(?:\.(experts|heads|mlp\.neurons)\.([0-9]+))?")
+MAX_INDEX = 2**31 - 1
+"""The largest layer or unit index a name may hold; larger ones would overflow index tensors."""
 
 
 @dataclass(frozen=True, order=True)
@@ -48,14 +50,27 @@ class Unit:
 
     @classmethod
     def parse(cls, name: str) -> Unit:
-        """The unit named `name`; raises `MsaEditError` for a malformed name."""
-        match = _NAME.match(name.strip())
+        """The unit named `name`; raises `MsaEditError` for a malformed name.
+
+        Indices are ASCII digits below 2**31 (`MAX_INDEX`):
+
+        >>> Unit.parse("layers.10000000000000000000000.experts.0")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        msa_edit.errors.MsaEditError: unit name '...' has an index above 2147483647; use ...
+        """
+        match = _NAME.fullmatch(name.strip()) if isinstance(name, str) else None
         if match is None:
             raise MsaEditError(
-                f"malformed unit name {name!r}; use layers.L, layers.L.experts.E, "
+                f"malformed unit name {short(name)}; use layers.L, layers.L.experts.E, "
                 "layers.L.heads.H or layers.L.mlp.neurons.N (0-based)"
             )
         layer, kind, index = match.groups()
+        numbers = [n for n in (layer, index) if n is not None]
+        if any(len(n.lstrip("0")) > len(str(MAX_INDEX)) or int(n) > MAX_INDEX for n in numbers):
+            raise MsaEditError(
+                f"unit name {short(name)} has an index above {MAX_INDEX}; "
+                "use the model's real layer and unit indices (0-based)"
+            )
         if kind is None:
             return cls(int(layer), "layer")
         return cls(int(layer), "neurons" if kind == "mlp.neurons" else kind, int(index))  # type: ignore[arg-type]

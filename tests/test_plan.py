@@ -120,3 +120,138 @@ def test_interactions_keep_redundant_pairs_apart() -> None:
     guarded = make_plan(res.values, res.stderr, units, ["x"], target=["x"], mode="least_useful",
                         budget=budget, interactions=pairs)  # fmt: skip
     assert guarded.units == ("layers.0.experts.0", "layers.0.experts.2")
+
+
+# --------------------------------------------------------------------------- hand-edited plan.json
+
+
+def good_plan() -> dict:
+    plan = make_plan(VALUES, STDERR, UNITS, LANGS, target=["ru"], budget=Budget(per_layer=1),
+                     action="scale", base_model="local/tiny")  # fmt: skip
+    return {**plan.to_json(), "alpha": {u: 0.5 for u in plan.units}}
+
+
+def nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = {"x": value}
+    return value
+
+
+HAND_EDITS = [
+    ("units null", {"units": None}, "plan units must be a list of unit names, got null"),
+    ("units string", {"units": "layers.0.experts.1"}, "plan units must be a list"),
+    ("unit number", {"units": [3]}, "plan units: malformed unit name 3"),
+    ("huge unit", {"units": ["layers.0.experts.99999999999"]}, "has an index above 2147483647"),
+    (
+        "duplicate units",
+        {"units": ["layers.0.experts.1", "layers.0.experts.01"]},
+        "plan units name layers.0.experts.1 twice",
+    ),
+    (
+        "alpha too big",
+        {"alpha": {"layers.0.experts.1": 1e308}},
+        "plan alpha of layers.0.experts.1 is 1e+308; a scale factor must be finite",
+    ),
+    (
+        "alpha string",
+        {"alpha": {"layers.0.experts.1": "0.5"}},
+        "plan alpha of layers.0.experts.1 must be a number, got a string",
+    ),
+    ("alpha bool", {"alpha": {"layers.0.experts.1": True}}, "must be a number, got a boolean"),
+    (
+        "alpha not a unit of the plan",
+        {"alpha": {"layers.0.experts.1": 0.5, "layers.1.experts.3": 0.5}},
+        "plan alpha names layers.1.experts.3, which is not in the plan's units",
+    ),
+    ("alpha list", {"alpha": [0.5]}, "plan alpha must map unit names to numbers, got an array"),
+    ("scores null", {"scores": None}, "plan scores must map unit names to numbers, got null"),
+    ("score key", {"scores": {"colour": 1.0}}, "plan scores: malformed unit name 'colour'"),
+    (
+        "stderr null",
+        {"stderr": {"layers.0.experts.1": None}},
+        "plan stderr of layers.0.experts.1 must be a number, got null",
+    ),
+    ("target null", {"target": None}, "plan target must be a list of target-set names"),
+    ("retain numbers", {"retain": [1, 2]}, "plan retain must be a list of target-set names"),
+    ("base model", {"base_model": 7}, "plan base_model must be a string, got a number"),
+    ("mode", {"mode": "fast"}, "plan mode must be specific or least_useful, got 'fast'"),
+    ("search list", {"search": [1]}, "plan search must be a JSON object, got an array"),
+    ("deep search", {"search": nested(200)}, "plan search nests deeper than 32 levels"),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"), [h[1:] for h in HAND_EDITS], ids=[h[0] for h in HAND_EDITS]
+)
+def test_hand_edited_plan_is_checked_field_by_field(tmp_path, edit, expected) -> None:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**good_plan(), **edit}))
+    with pytest.raises(MsaEditError) as info:
+        Plan.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and expected in message
+    assert "\n" not in message and len(message) < 300 + len(str(path))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('"alpha": {"layers.0.experts.1": NaN}', "NaN is not a finite number"),
+        ('"alpha": {"layers.0.experts.1": Infinity}', "Infinity is not a finite number"),
+        ('"alpha": {"layers.0.experts.1": -Infinity}', "-Infinity is not a finite number"),
+        ('"alpha": {"layers.0.experts.1": 1e400}', "alpha of layers.0.experts.1 is inf"),
+        ('"scores": {"layers.0.experts.1": 1e999}', "scores of layers.0.experts.1 is inf"),
+        ('"search": ' + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('"search": ' + "1" * 5000, "Exceeds the limit (4300 digits)"),
+    ],
+    ids=["NaN", "Infinity", "-Infinity", "1e400", "score 1e999", "deep", "huge int"],
+)
+def test_plan_json_must_be_strict(tmp_path, text: str, expected: str) -> None:
+    obj = good_plan()
+    key = text.split('"')[1]
+    obj.pop(key)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(obj)[:-1] + ", " + text + "}")
+    with pytest.raises(MsaEditError) as info:
+        Plan.load(path)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"action": "remove", "units": [], "base_model": "caf\xe9"}', "not UTF-8 text (byte"),
+        (b"null", "a plan is a JSON object of fields, got null"),
+        (b"[1, 2]", "a plan is a JSON object of fields, got an array"),
+        (b'{"action": "remove", "units": []}', "plan lacks fields ['scores', 'target'"),
+    ],
+    ids=["latin-1", "null", "array", "missing fields"],
+)
+def test_unreadable_plan_is_one_line(tmp_path, content: bytes, expected: str) -> None:
+    path = tmp_path / "plan.json"
+    path.write_bytes(content)
+    with pytest.raises(MsaEditError) as info:
+        Plan.load(path)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_plans_round_trip_with_canonical_unit_names(tmp_path) -> None:
+    plan = Plan.from_json(good_plan())
+    assert Plan.from_json(plan.to_json()) == plan
+    assert Plan.load(plan.save(tmp_path / "plan.json")) == plan
+    search = {
+        "chosen": "greedy", "n_evaluations": 40, "rounds": [{"round": 0, "removed": ["x"]}],
+        "candidates": [{"name": "greedy", "units": ["layers.0.experts.1"], "search": 0.1,
+                        "check": 0.2, "all": 0.15, "stderr": 0.01, "per_set": {"ru": 0.3},
+                        "feasible": None}],
+        "coalitions": None, "settings": {"rounds": None, "width": 2, "swaps": 0},
+        "blocks": {"search": 4, "check": 4},
+    }  # fmt: skip
+    searched = Plan(action="remove", units=("layers.0.experts.1",), scores={}, target=["ru"],
+                    base_model="m", method="search", search=search)  # fmt: skip
+    assert Plan.load(searched.save(tmp_path / "search.json")) == searched
+    assert Plan.from_json(searched.to_json()) == searched
+    obj = {**good_plan(), "units": [" layers.0.experts.01"], "alpha": {"layers.0.experts.1": -2}}
+    plan = Plan.from_json(obj)  # unit names are stored canonically
+    assert plan.units == ("layers.0.experts.1",) and plan.alpha == {"layers.0.experts.1": -2}

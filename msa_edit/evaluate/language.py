@@ -7,7 +7,6 @@ be used (and cited) outside msa_edit: `evaluate.load(str(NLL_METRIC))`.
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from msa_edit.atomic import write_json
+from msa_edit.atomic import read_json, write_json
 from msa_edit.errors import MsaEditError
 from msa_edit.games import text_blocks, token_nll
 
@@ -136,11 +135,10 @@ def write_eval_json(
 def read_eval_json(path: Path | str) -> dict[str, Any]:
     """Read an `eval.json`; non-finite numbers (not strict JSON) are rejected."""
 
-    def reject(token: str) -> float:
-        raise MsaEditError(f"{path} holds {token}, which strict JSON does not allow")
-
-    record: dict[str, Any] = json.loads(Path(path).read_text(), parse_constant=reject)
+    record = read_json(path, "fix it or rerun `msa-edit evaluate`")
+    if not isinstance(record, dict):
+        raise MsaEditError(f"{path} is not a JSON object; it is not an eval.json")
     for side in ("before", "after"):
-        if side not in record:
+        if not isinstance(record.get(side), dict):
             raise MsaEditError(f"{path} has no {side!r} metrics; it is not an eval.json")
     return record

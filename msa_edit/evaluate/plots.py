@@ -2,7 +2,9 @@
 with error bars, before/after metric bars and estimator convergence, each saved as a PNG.
 
 The figure functions take plain numbers (no run-directory knowledge; `report.py` reads the files)
-and write atomically (temp file, then rename) with the `Agg` backend, closing every figure.
+and write atomically (temp file, then rename) with the `Agg` backend, closing every figure. NaN,
+infinite and (on log axes) non-positive numbers get no bar or point, and names are drawn as plain
+text (`$` is not mathtext), so no value or name in a run file makes a plot raise.
 """
 
 from __future__ import annotations
@@ -39,6 +41,26 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _text(name: object) -> str:
+    """`name` as literal plot text: `$` escaped (no mathtext), lone surrogates as escapes.
+
+    >>> print(_text("a$^$b"))
+    a\\$^\\$b
+    """
+    return str(name).replace("$", r"\$").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _bar_height(value: float | None, log: bool) -> float:
+    """`value` as a bar height: NaN (no bar) when None, non-finite or, on a log axis, <= 0."""
+    if value is None or not math.isfinite(value) or (log and value <= 0):
+        return math.nan
+    return value
 
 
 def _plain_log_ticks(axis: Any) -> None:
@@ -168,7 +190,7 @@ def unit_heatmaps(
             interpolation="nearest",
         )
         _mark(ax, cells, width)
-        ax.set_title(target_names[t])
+        ax.set_title(_text(target_names[t]))
         ax.set_xlabel(AXIS_LABEL[kind])
         if width == 1:
             ax.set_xticks([])
@@ -179,8 +201,8 @@ def unit_heatmaps(
         if t == 0:
             ax.set_ylabel("layer")
     assert image is not None
-    fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9)
-    fig.suptitle(title or f"Shapley value of each {AXIS_LABEL[kind] or 'layer'}")
+    fig.colorbar(image, ax=axes[0].tolist(), label=_text(label), shrink=0.9)
+    fig.suptitle(_text(title or f"Shapley value of each {AXIS_LABEL[kind] or 'layer'}"))
     return save_figure(fig, path)
 
 
@@ -217,22 +239,27 @@ def ranking_plot(
 ) -> Path:
     """Horizontal bars of `scores` (first name on top) with ±`errors` bars; `chosen` in red.
 
-    A non-finite error gets no bar; an infinite one also gets "±∞" after its name.
+    A non-finite error gets no bar; an infinite one also gets "±∞" after its name. A non-finite
+    score gets no bar and "(n/a)" after its name.
     """
     plt = _pyplot()
     n = len(names)
     fig, ax = plt.subplots(figsize=(7.5, 0.3 * n + 1.6), constrained_layout=True)
     ys = list(range(n))[::-1]
     colours = ["tab:red" if name in chosen else "tab:grey" for name in names]
-    finite = [e if math.isfinite(e) else 0.0 for e in errors]
-    ax.barh(ys, scores, xerr=finite, color=colours, capsize=2, error_kw={"elinewidth": 1})
+    widths = [s if _finite(s) else 0.0 for s in scores]
+    finite = [e if _finite(e) and _finite(s) else 0.0 for s, e in zip(scores, errors, strict=True)]
+    ax.barh(ys, widths, xerr=finite, color=colours, capsize=2, error_kw={"elinewidth": 1})
     labels = [
-        f"{name} ±∞" if math.isinf(e) else name for name, e in zip(names, errors, strict=True)
+        _text(name)
+        + (" ±∞" if e is not None and math.isinf(e) else "")
+        + ("" if _finite(s) else " (n/a)")
+        for name, s, e in zip(names, scores, errors, strict=True)
     ]
     ax.set_yticks(ys, labels)
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
+    ax.set_xlabel(_text(xlabel))
+    ax.set_title(_text(title))
     if chosen:
         from matplotlib.patches import Patch
 
@@ -263,27 +290,29 @@ def candidates_plot(
     height = 0.8 / max(k, 1)
     for j, (label, values) in enumerate(series.items()):
         ys = [n - 1 - i + 0.4 - height * (j + 0.5) for i in range(n)]
-        ax.barh(ys, [v if math.isfinite(v) else 0.0 for v in values], height=height, label=label)
-    ax.set_yticks(list(range(n))[::-1], list(names))
+        widths = [v if _finite(v) else 0.0 for v in values]
+        ax.barh(ys, widths, height=height, label=_text(label))
+    ax.set_yticks(list(range(n))[::-1], [_text(name) for name in names])
     for tick, name in zip(ax.get_yticklabels(), names, strict=True):
         if name == chosen:
             tick.set_fontweight("bold")
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
+    ax.set_xlabel(_text(xlabel))
+    ax.set_title(_text(title))
     ax.legend(loc="best", fontsize="small")
     return save_figure(fig, path)
 
 
 def before_after_plot(
     panels: Sequence[tuple[str, Sequence[str], bool]],
-    before: Mapping[str, float],
-    after: Mapping[str, float],
+    before: Mapping[str, float | None],
+    after: Mapping[str, float | None],
     path: str | os.PathLike[str],
 ) -> Path:
     """Grouped before/after bars per metric, one panel per `(title, metrics, log_scale)`.
 
-    A metric missing on one side gets no bar on that side.
+    A metric missing, None or non-finite on one side gets no bar on that side, nor does a
+    non-positive value on a log panel; a log panel with no positive value is drawn linear.
     """
     plt = _pyplot()
     fig, axes = plt.subplots(
@@ -295,20 +324,24 @@ def before_after_plot(
     )
     for ax, (name, metrics, log) in zip(axes[0], panels, strict=True):
         xs = range(len(metrics))
-        for side, values, shift, colour in (
+        values = [side.get(m) for side in (before, after) for m in metrics]
+        linear = log and not any(math.isfinite(_bar_height(v, True)) for v in values)
+        log = log and not linear
+        for side, by_metric, shift, colour in (
             ("before", before, -0.2, "tab:blue"),
             ("after", after, 0.2, "tab:orange"),
         ):
-            heights = [values.get(m, math.nan) for m in metrics]
+            heights = [_bar_height(by_metric.get(m), log) for m in metrics]
             bars = ax.bar([x + shift for x in xs], heights, width=0.4, label=side, color=colour)
-            ax.bar_label(bars, fmt="%.4g", fontsize=7)
-        ax.set_xticks(list(xs), list(metrics), rotation=30, ha="right")
+            labels = [f"{h:.4g}" if math.isfinite(h) else "" for h in heights]
+            ax.bar_label(bars, labels=labels, fontsize=7)
+        ax.set_xticks(list(xs), [_text(m) for m in metrics], rotation=30, ha="right")
         ax.set_xlim(-0.8, len(metrics) - 0.2)
         ax.margins(y=0.12)
         if log:
             ax.set_yscale("log")
             _plain_log_ticks(ax.yaxis)
-        ax.set_title(name)
+        ax.set_title(_text(name) + ("\n(linear: no positive values)" if linear else ""))
     axes[0][0].legend(fontsize="small", loc="lower left")
     return save_figure(fig, path)
 
@@ -323,12 +356,14 @@ def convergence_plot(
 ) -> Path:
     """Left: the largest finite stderr vs evaluations (log-log). Right: each curve's value
     vs evaluations with a ±1.96·stderr band (`curves[name] = (values, stderrs)` per point).
+    Points with a non-positive count or a non-finite value are left out.
     """
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    shown = [
-        (n, s) for n, s in zip(n_evaluations, max_stderr, strict=True) if math.isfinite(s) and s > 0
-    ]
+    keep = [i for i, n in enumerate(n_evaluations) if n > 0]
+    ns = [n_evaluations[i] for i in keep]
+    shown = [(ns[j], max_stderr[i]) for j, i in enumerate(keep) if _finite(max_stderr[i])]
+    shown = [(n, s) for n, s in shown if s > 0]
     if shown:
         left.plot([n for n, _ in shown], [s for _, s in shown], marker="o")
         left.set_xscale("log")
@@ -340,23 +375,24 @@ def convergence_plot(
     left.set_xlabel("coalitions evaluated")
     left.set_ylabel("largest stderr")
     left.set_title("Estimator stderr")
-    for name, (values, errors) in curves.items():
-        (line,) = right.plot(n_evaluations, values, marker=".", label=name)
-        lo = [
-            v - 1.96 * e if math.isfinite(e) else math.nan
-            for v, e in zip(values, errors, strict=True)
-        ]
-        hi = [
-            v + 1.96 * e if math.isfinite(e) else math.nan
-            for v, e in zip(values, errors, strict=True)
-        ]
-        right.fill_between(n_evaluations, lo, hi, color=line.get_color(), alpha=0.2)
-    right.set_xscale("log")
-    _plain_log_ticks(right.xaxis)
+    drawn = False
+    for name, (all_values, all_errors) in curves.items():
+        values = [all_values[i] if _finite(all_values[i]) else math.nan for i in keep]
+        errors = [all_errors[i] for i in keep]
+        (line,) = right.plot(ns, values, marker=".", label=_text(name))
+        drawn = drawn or any(math.isfinite(v) for v in values)
+        lo = [v - 1.96 * e if _finite(e) else math.nan for v, e in zip(values, errors, strict=True)]
+        hi = [v + 1.96 * e if _finite(e) else math.nan for v, e in zip(values, errors, strict=True)]
+        right.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.2)
+    if drawn:
+        right.set_xscale("log")
+        _plain_log_ticks(right.xaxis)
+    else:
+        right.text(0.5, 0.5, "no finite values", ha="center", transform=right.transAxes)
     right.axhline(0.0, color="black", linewidth=0.8)
     right.set_xlabel("coalitions evaluated")
-    right.set_ylabel(f"Shapley value ({target})")
-    right.set_title(f"Top units for {target}")
+    right.set_ylabel(_text(f"Shapley value ({target})"))
+    right.set_title(_text(f"Top units for {target}"))
     if curves:
         right.legend(fontsize="small")
     return save_figure(fig, path)

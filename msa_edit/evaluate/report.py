@@ -2,8 +2,10 @@
 
 `shapley.json` is required; `plan.json`, `eval.json`, `edit.json` and `recipe.yaml` each add their
 sections when present. Every eval number goes through one formatter (`fmt`, `fmt_delta`), so the
-report shows exactly `round(value, 4)` of eval.json; the output is byte-identical for the same
-inputs (no timestamps).
+report shows exactly `round(value, 4)` of eval.json (`n/a` for null, i.e. non-finite); the output
+is byte-identical for the same inputs (no timestamps). Every name read from the run directory
+(targets, units, metrics, candidates, model, recipe fields) goes through `md_text`, so a
+hand-made file cannot inject Markdown or HTML into the report.
 
     >>> from msa_edit.evaluate.report import write_report
     >>> write_report("runs/demo")  # doctest: +SKIP
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,50 +28,121 @@ import torch
 from msa_edit.atomic import write_text
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate import plots
+from msa_edit.rundir import (
+    EDIT_JSON,
+    EVAL_JSON,
+    PLAN_JSON,
+    RECIPE_YAML,
+    REPORT_MD,
+    SHAPLEY_JSON,
+)
 from msa_edit.units import KINDS, Kind, Unit
 
 TOP_RANKING = 20
 TOP_CONVERGENCE = 5
 TOP_TABLE = 8
+NA = "n/a"
 HEATMAP_FILE: dict[Kind, str] = {
     "experts": "heatmap_experts.png",
     "heads": "heatmap_heads.png",
     "neurons": "heatmap_neurons.png",
     "layer": "heatmap_layers.png",
 }
+_PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./+=,-]*")
+"""Names shown as they are: no character here starts Markdown or HTML markup."""
 
 
-def fmt(x: float) -> str:
-    """An eval or Shapley number as the report prints it.
+def fmt(x: float | None) -> str:
+    """An eval or Shapley number as the report prints it (null or NaN: "n/a").
 
-    >>> fmt(2.123456), fmt(float("inf"))
-    ('2.1235', 'inf')
+    >>> fmt(2.123456), fmt(float("inf")), fmt(None), fmt(float("nan"))
+    ('2.1235', 'inf', 'n/a', 'n/a')
     """
-    return f"{x:.4f}"
+    return NA if x is None or math.isnan(x) else f"{x:.4f}"
 
 
-def fmt_delta(x: float) -> str:
-    """A change, always with its sign.
+def fmt_delta(x: float | None) -> str:
+    """A change, always with its sign (null or NaN: "n/a").
 
-    >>> fmt_delta(0.5), fmt_delta(-0.00004)
-    ('+0.5000', '-0.0000')
+    >>> fmt_delta(0.5), fmt_delta(-0.00004), fmt_delta(None)
+    ('+0.5000', '-0.0000', 'n/a')
     """
-    return f"{x:+.4f}"
+    return NA if x is None or math.isnan(x) else f"{x:+.4f}"
 
 
 def _fmt_se(x: float) -> str:
     return "∞" if math.isinf(x) else "—" if math.isnan(x) else fmt(x)
 
 
+def _escape_char(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    if ch == "|":
+        return "\\|"  # a table cell's pipe; GFM unescapes it inside code spans too
+    if unicodedata.category(ch)[0] == "C" or ch in "\u2028\u2029":
+        return ch.encode("unicode_escape").decode("ascii")  # newline -> \n, visible
+    return ch
+
+
+def md_text(text: object, *, code: bool = False) -> str:
+    """`text` (a name from a run file) safe to paste anywhere in report.md: prose, a heading or
+    a table cell. Plain names stay as they are (`code=True`: always in inline code); anything
+    else goes in inline code with newlines and control characters shown as escapes (`\\n`),
+    backslashes doubled and pipes escaped, so it can neither start a line nor add markup.
+
+    >>> md_text("nll/ru"), md_text("nll/ru", code=True), md_text("a*b*")
+    ('nll/ru', '`nll/ru`', '`a*b*`')
+    >>> print(md_text("x\\n## injected | <b>`"))
+    `` x\\n## injected \\| <b>` ``
+    """
+    s = str(text)
+    if not s:
+        return '""'
+    if not code and _PLAIN.fullmatch(s):
+        return s
+    shown = "".join(_escape_char(ch) for ch in s)
+    fence = "`" * (max((len(r) for r in re.findall("`+", shown)), default=0) + 1)
+    pad = " " if shown[0] in "` " or shown[-1] in "` " else ""
+    return f"{fence}{pad}{shown}{pad}{fence}"
+
+
+def _num(x: Any) -> float:
+    """A JSON number as float; null, NaN, text or anything else is NaN (shown "n/a")."""
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return math.nan
+    return float(x)
+
+
+def _str_list(x: Any) -> list[str]:
+    """A JSON list of names as strings (one name alone counts as a list of one; null: [])."""
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, list | tuple | Mapping):
+        return [str(y) for y in x]
+    return [str(x)]
+
+
+def _mapping(x: Any) -> Mapping[str, Any]:
+    return x if isinstance(x, Mapping) else {}
+
+
+def _metrics(x: Any) -> dict[str, float]:
+    """{metric: value} of an eval.json section; null or non-numbers become NaN."""
+    return {str(k): _num(v) for k, v in _mapping(x).items()}
+
+
 @dataclass(frozen=True)
 class _Shapley:
-    """shapley.json as the report needs it: values/stderr `[n_units, T]` (null stderr = inf)."""
+    """shapley.json as the report needs it: values/stderr `[n_units, T]` (null value = NaN,
+    null stderr = inf)."""
 
     units: list[Unit]
     targets: list[str]
     values: torch.Tensor
     stderr: torch.Tensor
-    meta: dict[str, Any]
+    meta: Mapping[str, Any]
 
     @property
     def names(self) -> list[str]:
@@ -89,26 +164,30 @@ def _tensor(obj: Any, fill: float) -> torch.Tensor:
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MsaEditError(f"cannot read {path} ({exc.__class__.__name__}); fix or re-run") from exc
 
 
 def _load_shapley(run_dir: Path) -> _Shapley:
-    path = run_dir / "shapley.json"
+    path = run_dir / SHAPLEY_JSON
     if not path.is_file():
         raise MsaEditError(f"{path} is missing; run the analysis first (msa-edit run RECIPE.yaml)")
     obj = _read_json(path)
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("units"), list):
+        raise MsaEditError(f"{path} is not a JSON object with a list of units")
+    units = [Unit.parse(str(name)) for name in obj["units"]]
+    targets = _str_list(obj.get("targets"))
     try:
-        units = [Unit.parse(name) for name in obj["units"]]
-        values = _tensor(obj["values"], math.nan).reshape(len(units), -1)
-        stderr = _tensor(obj.get("stderr") or [], math.inf)
+        if units:
+            values = _tensor(obj["values"], math.nan).reshape(len(units), -1)
+        else:
+            values = torch.zeros(0, max(len(targets), 1), dtype=torch.float64)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise MsaEditError(f"{path} lacks units/values in the expected shape ({exc})") from exc
-    if stderr.numel() == values.numel():
-        stderr = stderr.reshape(values.shape)
-    else:  # no usable stderr: unknown, shown as "—"
+    try:
+        stderr = _tensor(obj.get("stderr") or [], math.inf).reshape(values.shape)
+    except (KeyError, TypeError, ValueError, RuntimeError):  # no usable stderr: unknown, "—"
         stderr = torch.full_like(values, math.nan)
-    targets = [str(t) for t in obj.get("targets") or []]
     if len(targets) != values.shape[1]:
         targets = [f"output {t}" for t in range(values.shape[1])]
     return _Shapley(units, targets, values, stderr, obj)
@@ -127,12 +206,17 @@ def _sign_meaning(meta: Mapping[str, Any]) -> str:
 
 
 def _names(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(f"`{n}`" for n in names[:limit])
+    shown = ", ".join(md_text(n, code=True) for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+def _list(names: Sequence[str]) -> str:
+    return ", ".join(md_text(n) for n in names)
+
+
+def _meta(meta: Mapping[str, Any], key: str, code: bool = False) -> str:
+    value = meta.get(key)
+    return "?" if value is None else md_text(value, code=code)
 
 
 # ---- eval.json ------------------------------------------------------------------------------
@@ -149,9 +233,10 @@ def metric_group(name: str) -> str:
 
 
 def _eval_rows(ev: Mapping[str, Any]) -> list[tuple[str, float | None, float | None, float | None]]:
-    """(metric, before, after, delta) for every metric, grouped nll, ppl, lm-eval, file order."""
-    before, after = ev.get("before") or {}, ev.get("after") or {}
-    delta = ev.get("delta") or {}
+    """(metric, before, after, delta) for every metric, grouped nll, ppl, lm-eval, file order;
+    None = not in the file, NaN = null there."""
+    before, after = _metrics(ev.get("before")), _metrics(ev.get("after"))
+    delta = _metrics(ev.get("delta"))
     names = list(dict.fromkeys([*before, *after, *delta]))
     order = {"nll": 0, "ppl": 1, "lm-eval": 2}
     names.sort(key=lambda n: order[metric_group(n)])
@@ -163,15 +248,13 @@ def _eval_rows(ev: Mapping[str, Any]) -> list[tuple[str, float | None, float | N
     return rows
 
 
-def _headline(
-    ev: Mapping[str, Any], plan: Mapping[str, Any] | None, sh: _Shapley | None
-) -> str:
+def _headline(ev: Mapping[str, Any], plan: Mapping[str, Any] | None, sh: _Shapley | None) -> str:
     """The target and retained deltas that say whether the edit did what it should."""
     delta = {n: d for n, _, _, d in _eval_rows(ev) if d is not None}
-    before, after = ev.get("before") or {}, ev.get("after") or {}
+    before, after = _metrics(ev.get("before")), _metrics(ev.get("after"))
 
     def show(m: str) -> str:
-        text = f"`{m}` {fmt_delta(delta[m])}"
+        text = f"{md_text(m, code=True)} {fmt_delta(delta[m])}"
         if m in before and m in after:
             text += f" ({fmt(before[m])} → {fmt(after[m])})"
         return text
@@ -183,8 +266,8 @@ def _headline(
             out += [m] if m else []
         return out
 
-    target = [str(t) for t in (plan or {}).get("target") or []]
-    retain = [str(t) for t in (plan or {}).get("retain") or []]
+    target = _str_list((plan or {}).get("target"))
+    retain = _str_list((plan or {}).get("retain"))
     if plan is None and sh is not None:
         target = sh.targets
     parts = []
@@ -213,25 +296,28 @@ def _summary(
     counts = ", ".join(f"{n} {'layers' if k == 'layer' else k}" for k, n in kinds.items() if n)
     budget = meta.get("budget")
     text = (
-        f"Model `{meta.get('model', 'unknown')}`: Multiperturbation Shapley-value Analysis of "
-        f"{len(sh.units)} units ({counts}) on {len(sh.targets)} target(s) "
-        f"({', '.join(sh.targets)}) with the `{meta.get('method', '?')}` estimator: "
-        f"{meta.get('n_evaluations', '?')} coalitions evaluated"
-        + (f" of a budget of {budget}" if budget is not None else "")
-        + f", stopped by {meta.get('stopped', '?')}"
-        + (f", lesion `{meta['lesion']}`" if meta.get("lesion") else "")
-        + (f", objective `{meta['objective']}`" if meta.get("objective") else "")
-        + f", seed {meta.get('seed', '?')}. Values: {_sign_meaning(meta)}."
+        f"Model {md_text(meta.get('model', 'unknown'), code=True)}: Multiperturbation "
+        f"Shapley-value Analysis of {len(sh.units)} units"
+        + (f" ({counts})" if counts else "")
+        + f" on {len(sh.targets)} target(s) ({_list(sh.targets)}) with the "
+        f"{_meta(meta, 'method', code=True)} estimator: "
+        f"{_meta(meta, 'n_evaluations')} coalitions evaluated"
+        + (f" of a budget of {md_text(budget)}" if budget is not None else "")
+        + f", stopped by {_meta(meta, 'stopped')}"
+        + (f", lesion {md_text(meta['lesion'], code=True)}" if meta.get("lesion") else "")
+        + (f", objective {md_text(meta['objective'], code=True)}" if meta.get("objective") else "")
+        + f", seed {_meta(meta, 'seed')}. Values: {_sign_meaning(meta)}."
     )
     if plan is not None:
-        chosen = [str(u) for u in plan.get("units") or []]
-        retain = plan.get("retain") or []
+        chosen = _str_list(plan.get("units"))
+        retain = _str_list(plan.get("retain"))
+        method = str(plan.get("method", "shapley"))
         text += (
-            f" **Plan:** {plan.get('action', '?')} {len(chosen)} of {len(sh.units)} units "
-            f"({_names(chosen)}), {METHOD_TEXT.get(str(plan.get('method', 'shapley')), '?')}; "
-            f"mode `{plan.get('mode', '?')}`, target "
-            f"{', '.join(map(str, plan.get('target') or [])) or '—'}"
-            + (f" while retaining {', '.join(map(str, retain))}" if retain else "")
+            f" **Plan:** {_meta(plan, 'action')} {len(chosen)} of {len(sh.units)} units "
+            f"({_names(chosen)}), {METHOD_TEXT.get(method, md_text(method))}; "
+            f"mode {_meta(plan, 'mode', code=True)}, target "
+            f"{_list(_str_list(plan.get('target'))) or '—'}"
+            + (f" while retaining {_list(retain)}" if retain else "")
             + "."
         )
     if ev is not None and any(d is not None for *_, d in _eval_rows(ev)):
@@ -250,17 +336,17 @@ METHOD_TEXT = {
 
 def _plan_summary(plan: Mapping[str, Any], ev: Mapping[str, Any] | None) -> list[str]:
     """The summary paragraph of a run whose plan needed no Shapley analysis."""
-    chosen = [str(u) for u in plan.get("units") or []]
+    chosen = _str_list(plan.get("units"))
     method = str(plan.get("method", "?"))
-    search = plan.get("search") or {}
-    retain = plan.get("retain") or []
+    search = _mapping(plan.get("search"))
+    retain = _str_list(plan.get("retain"))
     text = (
-        f"**Plan:** {plan.get('action', '?')} {len(chosen)} units ({_names(chosen)}), "
-        f"{METHOD_TEXT.get(method, method)}; mode `{plan.get('mode', '?')}`, target "
-        f"{', '.join(map(str, plan.get('target') or [])) or '—'}"
-        + (f" while retaining {', '.join(map(str, retain))}" if retain else "")
+        f"**Plan:** {_meta(plan, 'action')} {len(chosen)} units ({_names(chosen)}), "
+        f"{METHOD_TEXT.get(method, md_text(method))}; mode {_meta(plan, 'mode', code=True)}, "
+        f"target {_list(_str_list(plan.get('target'))) or '—'}"
+        + (f" while retaining {_list(retain)}" if retain else "")
         + (
-            f"; {search['n_evaluations']} coalitions evaluated"
+            f"; {md_text(search['n_evaluations'])} coalitions evaluated"
             if search.get("n_evaluations") is not None
             else ""
         )
@@ -271,23 +357,24 @@ def _plan_summary(plan: Mapping[str, Any], ev: Mapping[str, Any] | None) -> list
     return [text, ""]
 
 
-def _candidates(
-    run_dir: Path, plan: Mapping[str, Any], ev: Mapping[str, Any] | None
-) -> list[str]:
+def _candidates(run_dir: Path, plan: Mapping[str, Any], ev: Mapping[str, Any] | None) -> list[str]:
     """The comparison table of a search plan's candidates: calibration and held-out changes."""
-    search = plan.get("search") or {}
-    found = search.get("candidates") or []
+    search = _mapping(plan.get("search"))
+    found = [c for c in search.get("candidates") or [] if isinstance(c, Mapping)]
     if len(found) < 2:
         return []
     targeted = plan.get("mode") == "specific"
-    heldout = (ev or {}).get("candidates") or {}
-    before = (ev or {}).get("before") or {}
-    sets = sorted({k for c in found for k in c.get("per_set") or {}})
+    heldout = {str(k): _metrics(v) for k, v in _mapping((ev or {}).get("candidates")).items()}
+    before = _metrics((ev or {}).get("before"))
+    chosen = str(search.get("chosen", "?"))
+    names = [str(c.get("name")) for c in found]
+    sets = sorted({str(k) for c in found for k in _mapping(c.get("per_set"))})
     langs = sorted({m.split("/", 1)[1] for m in before if m.startswith("nll/")})
-    langs = [g for g in langs if any(f"nll/{g}" in heldout.get(c["name"], {}) for c in found)]
+    langs = [g for g in langs if any(f"nll/{g}" in heldout.get(n, {}) for n in names)]
     what = "target increase (higher = more targeted)" if targeted else "mean increase (lower wins)"
     head = ["candidate", "units", "calib. search half", "calib. check half", "calib. all ± se"]
-    head += [f"calib. {_cell(s)}" for s in sets] + [f"held-out {_cell(lang)}" for lang in langs]
+    head += [f"calib. {md_text(s)}" for s in sets]
+    head += [f"held-out {md_text(lang)}" for lang in langs]
     if targeted:
         head.append("within bounds")
     lines = [
@@ -297,21 +384,19 @@ def _candidates(
         f"(loss change in nats/token; objective: {what}). The search half ranked moves; the "
         "check half, which ranked nothing, chose among the candidates. Held-out columns: the "
         "evaluation text's NLL change with each set lesioned on the base model. "
-        f"Chosen: **{_cell(str(search.get('chosen', '?')))}**; "
-        f"{search.get('n_evaluations', '?')} coalitions spent.",
+        f"Chosen: **{md_text(chosen)}**; {_meta(search, 'n_evaluations')} coalitions spent.",
         "",
         "| " + " | ".join(head) + " |",
         "|---|---:|" + "---:|" * (len(head) - 2),
     ]
-    for c in found:
-        name = _cell(str(c.get("name")))
-        name = f"**{name}**" if c.get("name") == search.get("chosen") else name
-        cells = [name, str(len(c.get("units") or []))]
-        cells += [fmt_delta(float(c[k])) for k in ("search", "check")]
-        cells.append(f"{fmt_delta(float(c['all']))} ± {fmt(float(c['stderr']))}")
-        per_set = c.get("per_set") or {}
-        cells += [fmt_delta(float(per_set[s])) if s in per_set else "—" for s in sets]
-        got = heldout.get(str(c.get("name")), {})
+    for c, name in zip(found, names, strict=True):
+        units = _str_list(c.get("units"))
+        cells = [f"**{md_text(name)}**" if name == chosen else md_text(name), str(len(units))]
+        cells += [fmt_delta(_num(c.get(k))) for k in ("search", "check")]
+        cells.append(f"{fmt_delta(_num(c.get('all')))} ± {fmt(_num(c.get('stderr')))}")
+        per_set = {str(k): v for k, v in _mapping(c.get("per_set")).items()}
+        cells += [fmt_delta(_num(per_set[s])) if s in per_set else "—" for s in sets]
+        got = heldout.get(name, {})
         for lang in langs:
             m = f"nll/{lang}"
             cells.append(fmt_delta(got[m] - before[m]) if m in got and m in before else "—")
@@ -320,14 +405,14 @@ def _candidates(
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "<details><summary>the candidates' removal sets</summary>", ""]
     lines += [
-        f"- {_cell(str(c.get('name')))}: " + (", ".join(f"`{u}`" for u in c.get("units") or [])
-                                                or "nothing")
-        for c in found
-    ]  # fmt: skip
+        f"- {md_text(name)}: "
+        + (", ".join(md_text(u, code=True) for u in _str_list(c.get("units"))) or "nothing")
+        for c, name in zip(found, names, strict=True)
+    ]
     lines += ["", "</details>"]
-    names = [str(c.get("name")) for c in found]
-    series = {"calibration, check half": [float(c["check"]) for c in found]}
-    shown = [g for g in langs if g in (plan.get("target") or [])] if targeted else langs
+    series = {"calibration, check half": [_num(c.get("check")) for c in found]}
+    target = _str_list(plan.get("target"))
+    shown = [g for g in langs if g in target] if targeted else langs
     if shown:
         series["held-out" + (", target" if targeted else ", mean over sets")] = [
             sum(heldout.get(n, {}).get(f"nll/{g}", math.nan) - before[f"nll/{g}"] for g in shown)
@@ -335,7 +420,7 @@ def _candidates(
             for n in names
         ]
     plots.candidates_plot(
-        names, series, str(search.get("chosen")), run_dir / "candidates.png",
+        names, series, chosen, run_dir / "candidates.png",
         xlabel="loss increase (nats/token)" + (" on the target" if targeted else ""),
         title="Candidate removal sets (chosen in bold)",
     )  # fmt: skip
@@ -377,22 +462,22 @@ def _heatmaps(run_dir: Path, sh: _Shapley, chosen: set[Unit]) -> list[str]:
         )
         caption = (
             f"One panel per target; rows are layers, {columns}. One colour scale is shared by "
-            f"all panels: {colours}; grey = not analysed."
+            f"all panels: {colours}; grey = not analysed (or n/a)."
             + (" Black boxes (x on wide maps) mark the units the plan chose." if chosen else "")
         )
         lines += _figure(file, f"{kind} heat-map", caption)
-    return lines
+    return lines if len(lines) > 2 else []
 
 
 def _ranking(run_dir: Path, sh: _Shapley | None, plan: Mapping[str, Any] | None) -> list[str]:
-    scores = (plan or {}).get("scores") or {}
-    chosen = [str(u) for u in (plan or {}).get("units") or []]
+    scores = _mapping((plan or {}).get("scores"))
+    chosen = _str_list((plan or {}).get("units"))
     if not scores and sh is None:
         return []
     if scores:
-        se = (plan or {}).get("stderr") or {}
+        se = _mapping((plan or {}).get("stderr"))
         rows = [
-            (float(s), math.inf if se.get(n, 0.0) is None else float(se.get(n, math.nan)), n)
+            (_num(s), math.inf if n in se and se[n] is None else _num(se.get(n)), str(n))
             for n, s in scores.items()
         ]
         what = "plan score (higher = edited first)"
@@ -406,6 +491,8 @@ def _ranking(run_dir: Path, sh: _Shapley | None, plan: Mapping[str, Any] | None)
         how = "by mean |Shapley value| across targets"
     rows.sort(key=lambda r: (-r[0] if math.isfinite(r[0]) else math.inf, r[2]))
     top = rows[:TOP_RANKING]
+    if not top:
+        return []
     plots.ranking_plot(
         [r[2] for r in top],
         [r[0] for r in top],
@@ -422,7 +509,8 @@ def _ranking(run_dir: Path, sh: _Shapley | None, plan: Mapping[str, Any] | None)
     )
     lines = ["## Ranking", "", *_figure("ranking.png", "ranking", caption)]
     if chosen:
-        lines += [f"Chosen units ({len(chosen)}): " + ", ".join(f"`{n}`" for n in chosen), ""]
+        shown = ", ".join(md_text(n, code=True) for n in chosen)
+        lines += [f"Chosen units ({len(chosen)}): {shown}", ""]
     return lines
 
 
@@ -441,11 +529,12 @@ def _eval(run_dir: Path, ev: Mapping[str, Any]) -> list[str]:
         if metrics:
             panels.append((name, metrics, log))
     plots.before_after_plot(
-        panels, ev.get("before") or {}, ev.get("after") or {}, run_dir / "before_after.png"
+        panels, _metrics(ev.get("before")), _metrics(ev.get("after")), run_dir / "before_after.png"
     )
     caption = (
         "Each metric before (blue) and after (orange) the edit; NLL and perplexity: lower is "
-        "better, lm-eval scores: higher is better. The table below holds the exact numbers."
+        "better, lm-eval scores: higher is better; n/a values get no bar. The table below holds "
+        "the exact numbers."
     )
     lines = [
         "## Before and after the edit",
@@ -459,7 +548,7 @@ def _eval(run_dir: Path, ev: Mapping[str, Any]) -> list[str]:
             fmt(a) if a is not None else "—",
             fmt_delta(d) if d is not None else "—",
         ]
-        lines.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {md_text(name)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -477,38 +566,41 @@ def _edit(edit: Any) -> list[str]:
         units = rec.get("units")
         before, after = rec.get("params_before"), rec.get("params_after")
         change = "—"
-        if isinstance(before, int | float) and isinstance(after, int | float) and before:
-            change = f"{(after - before) / before:+.2%}"
+        if _num(before) and math.isfinite(_num(before)) and math.isfinite(_num(after)):
+            change = f"{(_num(after) - _num(before)) / _num(before):+.2%}"
         cells = [
             str(i + 1),
-            f"`{rec.get('action', '?')}`",
+            md_text(rec.get("action", "?"), code=True),
             str(len(units)) if isinstance(units, list) else "—",
             f"{before:,}" if isinstance(before, int) else "—",
             f"{after:,}" if isinstance(after, int) else "—",
             change,
         ]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
 def _trace(sh: _Shapley) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    trace = sh.meta.get("trace")
     points = []
-    for p in sh.meta.get("trace") or []:
+    for p in trace if isinstance(trace, list) else []:
         try:
+            n = _num(p["n_evaluations"])
             values = _tensor(p["values"], math.nan).reshape(len(sh.units), -1)
             stderr = _tensor(p["stderr"], math.inf).reshape(len(sh.units), -1)
         except (KeyError, TypeError, ValueError, RuntimeError):
-            return []  # a trace we cannot read is not plotted
-        if values.shape != sh.values.shape:
+            continue  # a point we cannot read is not plotted
+        if values.shape != sh.values.shape or stderr.shape != values.shape:
             return []  # reduced to per-unit norms (huge tensor modes): not comparable
-        points.append((int(p["n_evaluations"]), values, stderr))
+        if math.isfinite(n) and n > 0:  # a point without its count has no place on the x axis
+            points.append((int(n), values, stderr))
     return points
 
 
 def _convergence(run_dir: Path, sh: _Shapley, focus: str | None) -> list[str]:
     """Convergence of the largest stderr, and of the top units for `focus` (default: 1st target)."""
     points = _trace(sh)
-    if len(points) < 2:
+    if len(points) < 2 or not sh.units:
         return []
     t = sh.targets.index(focus) if focus in sh.targets else 0
     ns = [n for n, _, _ in points]
@@ -529,7 +621,7 @@ def _convergence(run_dir: Path, sh: _Shapley, focus: str | None) -> list[str]:
     caption = (
         "Left: the largest finite standard error over all units and targets as more coalitions "
         "are evaluated (log-log; a Monte-Carlo estimate falls like 1/√n). Right: the estimates "
-        f"of the {len(curves)} units with the largest |value| for {sh.targets[t]}, with "
+        f"of the {len(curves)} units with the largest |value| for {md_text(sh.targets[t])}, with "
         "±1.96·stderr bands; flat lines inside narrow bands mean the estimate has settled."
     )
     return ["## Estimator convergence", "", *_figure("convergence.png", "convergence", caption)]
@@ -537,19 +629,23 @@ def _convergence(run_dir: Path, sh: _Shapley, focus: str | None) -> list[str]:
 
 def _tables(sh: _Shapley, chosen: set[str]) -> list[str]:
     k = min(TOP_TABLE, len(sh.units))
+    if not k:
+        return []
     lines = [
         "## Top units per target",
         "",
         f"The {k} units with the largest |Shapley value| for each target "
-        f"({_sign_meaning(sh.meta)}); **bold** = chosen by the plan.",
+        f"({_sign_meaning(sh.meta)}); **bold** = chosen by the plan; n/a = not a finite number.",
         "",
     ]
     for t, target in enumerate(sh.targets):
         col = sh.values[:, t].abs().nan_to_num(nan=-1.0)
         order = sorted(range(len(sh.units)), key=lambda i: (-float(col[i]), sh.names[i]))[:k]
-        lines += [f"### {target}", "", "| rank | unit | value | ± stderr |", "|---:|---|---:|---:|"]
+        lines += [f"### {md_text(target)}", "", "| rank | unit | value | ± stderr |"]
+        lines.append("|---:|---|---:|---:|")
         for r, i in enumerate(order):
-            name = f"**`{sh.names[i]}`**" if sh.names[i] in chosen else f"`{sh.names[i]}`"
+            name = md_text(sh.names[i], code=True)
+            name = f"**{name}**" if sh.names[i] in chosen else name
             value, se = float(sh.values[i, t]), float(sh.stderr[i, t])
             lines.append(f"| {r + 1} | {name} | {fmt_delta(value)} | {_fmt_se(se)} |")
         lines.append("")
@@ -576,8 +672,26 @@ def _recipe(text: str) -> list[str]:
 # ---- entry point ----------------------------------------------------------------------------
 
 
-def _optional_json(path: Path) -> Any:
-    return _read_json(path) if path.is_file() else None
+def _optional_json(path: Path, *, kinds: tuple[type, ...] = (dict,)) -> Any:
+    """The file's JSON if it exists; `MsaEditError` if it is not one of `kinds` at the top."""
+    if not path.is_file():
+        return None
+    obj = _read_json(path)
+    if not isinstance(obj, kinds):
+        what = " or ".join("an object" if k is dict else "a list" for k in kinds)
+        raise MsaEditError(f"{path} should hold {what} at the top; fix or re-run")
+    return obj
+
+
+def _parse_units(names: Sequence[str]) -> set[Unit]:
+    """The units among `names` that parse (a malformed name is still listed, just not marked)."""
+    out = set()
+    for name in names:
+        try:
+            out.add(Unit.parse(name))
+        except MsaEditError:
+            continue
+    return out
 
 
 def write_report(run_dir: str | Path, *, title: str | None = None) -> Path:
@@ -586,24 +700,25 @@ def write_report(run_dir: str | Path, *, title: str | None = None) -> Path:
     `shapley.json` or a `plan.json` made without Shapley values (`method` loo, search, reap,
     frequency) is required (`MsaEditError` without either); plan.json, eval.json, edit.json and
     recipe.yaml add their sections when present, and a plan's candidates a comparison table.
+    Nulls (non-finite numbers) show as "n/a"; `title` is the caller's Markdown (one line).
     """
     run_dir = Path(run_dir)
-    plan = _optional_json(run_dir / "plan.json")
-    has_shapley = (run_dir / "shapley.json").is_file()
+    plan = _optional_json(run_dir / PLAN_JSON)
+    has_shapley = (run_dir / SHAPLEY_JSON).is_file()
     if not has_shapley and (plan or {}).get("method", "shapley") == "shapley":
         _load_shapley(run_dir)  # raises: the run has neither an analysis nor a plan without one
     sh = _load_shapley(run_dir) if has_shapley else None
-    ev = _optional_json(run_dir / "eval.json")
-    edit = _optional_json(run_dir / "edit.json")
-    recipe = run_dir / "recipe.yaml"
-    chosen = [str(u) for u in (plan or {}).get("units") or []]
-    marked = {Unit.parse(n) for n in chosen}
+    ev = _optional_json(run_dir / EVAL_JSON)
+    edit = _optional_json(run_dir / EDIT_JSON, kinds=(dict, list))
+    recipe = run_dir / RECIPE_YAML
+    chosen = _str_list((plan or {}).get("units"))
     model = sh.meta.get("model") if sh is not None else (plan or {}).get("base_model")
-    heading = title or f"MSA report: {model or run_dir.name}"
+    name = md_text(model) if model else md_text(run_dir.name)
+    heading = " ".join(title.splitlines()) if title else f"MSA report: {name}"
     lines = [f"# {heading}", ""]
     if sh is not None:
         lines += _summary(sh, plan, ev)
-        lines += _heatmaps(run_dir, sh, marked)
+        lines += _heatmaps(run_dir, sh, _parse_units(chosen))
     else:
         lines += _plan_summary(plan or {}, ev)
     lines += _candidates(run_dir, plan or {}, ev)
@@ -611,7 +726,8 @@ def write_report(run_dir: str | Path, *, title: str | None = None) -> Path:
     lines += _eval(run_dir, ev) if ev is not None else []
     lines += _edit(edit) if edit is not None else []
     if sh is not None:
-        lines += _convergence(run_dir, sh, ((plan or {}).get("target") or [None])[0])
+        focus = _str_list((plan or {}).get("target"))
+        lines += _convergence(run_dir, sh, focus[0] if focus else None)
         lines += _tables(sh, set(chosen))
-    lines += _recipe(recipe.read_text()) if recipe.is_file() else []
-    return write_text(run_dir / "report.md", "\n".join(lines).rstrip("\n") + "\n")
+    lines += _recipe(recipe.read_text(errors="replace")) if recipe.is_file() else []
+    return write_text(run_dir / REPORT_MD, "\n".join(lines).rstrip("\n") + "\n")

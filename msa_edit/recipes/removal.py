@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from msa_edit.errors import MsaEditError
+from msa_edit.fingerprint import Value
 from msa_edit.games import Targets
 from msa_edit.plan import Plan, make_plan, scores
 from msa_edit.recipes.schema import PlanStage
@@ -50,6 +51,7 @@ def choose_removals(
     shapley: Mapping[str, Any] | None = None,
     layer_sizes: Mapping[tuple[int, str], int] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
+    fingerprint: Mapping[str, Value] | None = None,
     batch_size: int = 8,
     base_model: str = "",
     say: Say = print,
@@ -59,7 +61,8 @@ def choose_removals(
     `game(coalitions)` gives one loss per row of `targets` (needed for loo and search);
     `routing` the router statistics of the units (reap, frequency, and the search's priors);
     `shapley` the run's shapley.json record, whose plan becomes one more prior when it covers
-    the same units and targets.
+    the same units and targets. `checkpoint` stores the evaluated coalitions with the game's
+    `fingerprint` (see `estimate`).
     """
     units = list(units)
     quota = Quota.from_budget(units, stage.budget(), layer_sizes)
@@ -82,7 +85,10 @@ def choose_removals(
     if game is None:
         raise MsaEditError(f"method {stage.method} needs the lesion game")
     blocks = Blocks.split(targets.names, targets.group)
-    removals = Removals(game, len(units), stage.coalitions, batch_size, checkpoint=checkpoint)
+    removals = Removals(
+        game, len(units), stage.coalitions, batch_size, checkpoint=checkpoint,
+        fingerprint=fingerprint,
+    )  # fmt: skip
     try:
         priors = _priors(stage, units, quota, target, retain, routing, shapley, layer_sizes)
         if stage.method == "loo":

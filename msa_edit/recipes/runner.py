@@ -13,6 +13,7 @@ target data have all been checked, so a bad recipe leaves no trace in the run di
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,16 +21,19 @@ from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from msa_edit.atomic import atomic_path, write_json, write_text
+from msa_edit.atomic import atomic_path, read_json, write_json, write_text
 from msa_edit.edit import EditRecord, apply_plan
+from msa_edit.edit.experts import removal_layout
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate.language import language_nll, read_eval_json, write_eval_json
 from msa_edit.export import CardInfo, export_checkpoint, export_model, push_to_hub, update_card
+from msa_edit.fingerprint import Fingerprint, file_digest, flatten, folder_digests
 from msa_edit.games import (
     LesionGame,
     MeanNLL,
@@ -45,28 +49,30 @@ from msa_edit.quantize import load_quantized
 from msa_edit.recipes.removal import check_feasible, choose_removals
 from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe
 from msa_edit.routing import routing_stats
+from msa_edit.rundir import (
+    CHECKPOINT,
+    EDIT_JSON,
+    EVAL_JSON,
+    MODEL_DIR,
+    PLAN_JSON,
+    RECIPE_YAML,
+    SEARCH_CHECKPOINT,
+    SHAPLEY_JSON,
+    SHAPLEY_TENSOR,
+    locked,
+)
 from msa_edit.shapley import ShapleyResult, estimate
 from msa_edit.shapley.cache import checkpoint_size
+from msa_edit.shapley.checkpoint import read_checkpoint
+from msa_edit.shapley.estimate import check_request
 from msa_edit.shapley.ray_backend import RayBackend
 from msa_edit.tiny_moe import HELDOUT_DIR, build_tiny_moe
 from msa_edit.units import Unit, discover, select
 
 log = logging.getLogger(__name__)
 
-SHAPLEY_JSON = "shapley.json"
-SHAPLEY_TENSOR = "shapley.safetensors"
-CHECKPOINT = "shapley.ckpt"
-GAME_KEY = "shapley.game.json"
-SEARCH_CHECKPOINT = "search.ckpt"
-SEARCH_GAME_KEY = "search.game.json"
-PLAN_JSON = "plan.json"
-EDIT_JSON = "edit.json"
-EVAL_JSON = "eval.json"
-MODEL_DIR = "model"
-RECIPE_YAML = "recipe.yaml"
-REPORT_MD = "report.md"
-
 Say = Callable[[str], None]
+StageFn = TypeVar("StageFn", bound=Callable[..., Any])
 
 
 def say_line(message: str) -> None:
@@ -110,15 +116,17 @@ def _load(folder: str, stage: ModelStage, bits: int | None, name: str) -> Loaded
     local = Path(folder).expanduser()
     if folder.startswith(("/", ".", "~")) and not local.is_dir():
         raise MsaEditError(f"model folder {local} does not exist; fix model.path")
+    check_device(stage.device_map)
+    remote = stage.trust_remote_code
     try:
         if bits is not None:
             device = None if stage.device_map in (None, "auto") else stage.device_map
             model = load_quantized(folder, bits, dtype=dtype, device=device)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, device_map=stage.device_map
+                folder, dtype=dtype, device_map=stage.device_map, trust_remote_code=remote
             )
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
     except MsaEditError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -131,18 +139,31 @@ def _load(folder: str, stage: ModelStage, bits: int | None, name: str) -> Loaded
     return Loaded(model, tokenizer, folder, name)
 
 
+def check_device(device_map: str | None) -> None:
+    """Refuse a `device_map` naming a CUDA device this machine does not have, in one line.
+
+    >>> check_device(None), check_device("cpu")
+    (None, None)
+    """
+    if device_map is None or not device_map.startswith("cuda"):
+        return
+    count = torch.cuda.device_count()
+    index = device_map.partition(":")[2]
+    if count == 0 or (index.isdigit() and int(index) >= count):
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise MsaEditError(
+            f"model.device_map {device_map!r}, but this machine has {have}; "
+            "set model.device_map to cpu, auto or an existing cuda:N"
+        )
+
+
 # --------------------------------------------------------------------------- run directory
 
 
 def _read_json(path: Path, made_by: str) -> Any:
     if not path.is_file():
         raise MsaEditError(f"{path} does not exist; run `msa-edit {made_by}` first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise MsaEditError(
-            f"{path} is not valid JSON (line {exc.lineno}); fix or remake it"
-        ) from None
+    return read_json(path, f"fix it or rerun `msa-edit {made_by}`")
 
 
 def _finite(x: float) -> float | None:
@@ -282,40 +303,88 @@ class RecipeGame:
         )
 
 
-def _game_key(recipe: Recipe, units: list[Unit]) -> dict[str, Any]:
-    """What determines every coalition's value: a checkpoint is reused only for the same key."""
-    return {
-        "model": recipe.model.model_dump(mode="json"),
-        "units": [str(u) for u in units],
-        "targets": recipe.targets.model_dump(mode="json"),
-        "lesion": recipe.lesion.model_dump(mode="json"),
-    }
+def game_fingerprint(
+    recipe: Recipe, loaded: Loaded, units: list[Unit], objective: str
+) -> Fingerprint:
+    """What every coalition's value depends on: the model's files (hashed; a Hub model by its
+    commit), each target text, the units, the objective, the lesion, every setting that changes
+    the bits and the library versions. A checkpoint stores it and is refused when it differs."""
+    fingerprint: Fingerprint = {}
+    local = Path(loaded.folder).expanduser()
+    if local.is_dir():
+        fingerprint |= folder_digests(local, prefix="model/")
+    else:
+        fingerprint["model.hub"] = loaded.folder
+        fingerprint["model.commit"] = getattr(loaded.model.config, "_commit_hash", None)
+    model = recipe.model.model_dump(mode="json", exclude={"path", "tiny_moe"})
+    fingerprint |= flatten(model, "setting.model")
+    fingerprint["units"] = json.dumps([str(u) for u in units])
+    fingerprint["targets"] = json.dumps(list(recipe.targets.sets))
+    for name, spec in recipe.targets.sets.items():
+        path = Path(spec.path)
+        fingerprint |= flatten(spec.model_dump(mode="json", exclude={"path"}), f"targets.{name}")
+        fingerprint[f"targets.{name}.text"] = file_digest(path) if path.is_file() else spec.path
+    fingerprint["objective"] = objective
+    fingerprint |= flatten(recipe.lesion.model_dump(mode="json"), "setting.lesion")
+    fingerprint["setting.rows_per_forward"] = _estimator(recipe).rows_per_forward
+    fingerprint["version.torch"] = torch.__version__
+    fingerprint["version.transformers"] = transformers.__version__
+    return fingerprint
 
 
-def _checkpoint(recipe: Recipe, out: Path) -> tuple[Path, Path]:
-    """The checkpoint's path and the path of the game key stored beside it."""
+def _checkpoint(recipe: Recipe, out: Path) -> Path:
+    """Where the analysis keeps its evaluated coalitions."""
     checkpoint = _estimator(recipe).checkpoint
-    if checkpoint:
-        path = Path(checkpoint)
-        return path, path.with_name(path.name + ".game.json")
-    return out / CHECKPOINT, out / GAME_KEY
+    return Path(checkpoint) if checkpoint else out / CHECKPOINT
 
 
-def _check_checkpoint(recipe: Recipe, out: Path, key: dict[str, Any]) -> None:
-    """Refuse a checkpoint written for another game (its coalition values would be wrong)."""
-    _check_key(*_checkpoint(recipe, out), key)
-
-
-def _check_key(path: Path, key_path: Path, key: dict[str, Any]) -> None:
+def _check_checkpoint(path: Path, n_players: int, fingerprint: Fingerprint) -> None:
+    """Refuse, before anything is written, a checkpoint that is unreadable, corrupt or made for
+    another game (its coalition values would be wrong)."""
     if path.exists():
-        old = json.loads(key_path.read_text()) if key_path.is_file() else None
-        if old != key:
-            raise MsaEditError(
-                f"{path} holds coalitions of a different game (model, units, targets or lesion "
-                f"changed); use another --out or delete {path}"
-            )
+        read_checkpoint(path, n_players, fingerprint)
 
 
+def in_run_dir(stage: StageFn) -> StageFn:
+    """Run a stage function `stage(recipe, out, ...)` holding the run directory's lock
+    (`rundir.locked`), after checking that the directory was made for this recipe."""
+
+    @functools.wraps(stage)
+    def holding(recipe: Recipe, out: Path, *args: Any, **kwargs: Any) -> Any:
+        with locked(out):
+            check_same_run(recipe, out)
+            return stage(recipe, out, *args, **kwargs)
+
+    return cast(StageFn, holding)
+
+
+RUN_DEFINING = ("units", "targets", "lesion")
+"""Recipe sections (besides the model's path) that make a run directory's results what they are."""
+
+
+def check_same_run(recipe: Recipe, out: Path) -> None:
+    """Refuse a stage on a run directory whose recipe.yaml names another model, unit set,
+    targets or lesion (its files would be mixed with this recipe's)."""
+    saved = out / RECIPE_YAML
+    if not saved.is_file():
+        return
+    try:
+        old = Recipe.from_yaml(saved.read_text(encoding="utf-8"))
+    except (MsaEditError, ValueError, UnicodeDecodeError):
+        raise MsaEditError(
+            f"{saved} is not a valid recipe; restore it or use another --out"
+        ) from None
+    differ = [s for s in RUN_DEFINING if getattr(old, s) != getattr(recipe, s)]
+    if (old.model.path, old.model.tiny_moe) != (recipe.model.path, recipe.model.tiny_moe):
+        differ.insert(0, "model")
+    if differ:
+        raise MsaEditError(
+            f"run directory {out} was made for another recipe ({', '.join(differ)} differ from "
+            f"{saved}); pass that recipe, or use another --out"
+        )
+
+
+@in_run_dir
 def analyze(
     recipe: Recipe, out: Path, loaded: Loaded | None = None, say: Say = say_line
 ) -> ShapleyResult:
@@ -329,11 +398,11 @@ def analyze(
     units = select(loaded.model, list(recipe.units))
     targets = load_targets(recipe, loaded.tokenizer)
     est = recipe.estimator
-    key = _game_key(recipe, units)
-    _check_checkpoint(recipe, out, key)
+    check_request(len(units), est.method, est.budget)
+    fingerprint = game_fingerprint(recipe, loaded, units, recipe.targets.objective)
+    checkpoint = _checkpoint(recipe, out)
+    _check_checkpoint(checkpoint, len(units), fingerprint)
     prepare(recipe, out)
-    checkpoint, key_path = _checkpoint(recipe, out)
-    write_json(key_path, key)
     say(f"analyze: {len(units)} units x {len(targets.names)} target sets ({targets.n_rows} rows)")
     game: LesionGame | RecipeGame
     backend: RayBackend | str
@@ -346,7 +415,7 @@ def analyze(
     result = estimate(
         game, len(units), est.method, est.budget, est.seed, est.batch_size,
         tol=est.tol, topk=est.topk, checkpoint=checkpoint, checkpoint_every=est.checkpoint_every,
-        backend=backend,
+        backend=backend, fingerprint=fingerprint,
     )  # fmt: skip
     now = checkpoint_size(checkpoint) - stored
     say(
@@ -366,9 +435,8 @@ def analyze(
 # --------------------------------------------------------------------------- plan
 
 
-def plan(
-    recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = None
-) -> Plan:
+@in_run_dir
+def plan(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = None) -> Plan:
     """Choose units as the recipe's plan stage says; writes plan.json.
 
     `method: shapley` reads shapley.json; the other methods load the model (or use `loaded`)
@@ -433,17 +501,18 @@ def _plan_without_shapley(recipe: Recipe, out: Path, loaded: Loaded | None, say:
     if all(u.kind == "experts" for u in units):
         routing = routing_stats(loaded.model, targets.input_ids, batch_size=est.rows_per_forward)
     game, checkpoint = None, None
+    fingerprint = None
     if stage.method in ("loo", "search"):
-        key = _game_key(recipe, units) | {"objective": "row_nll"}
-        checkpoint, key_path = out / SEARCH_CHECKPOINT, out / SEARCH_GAME_KEY
-        _check_key(checkpoint, key_path, key)
+        fingerprint = game_fingerprint(recipe, loaded, units, "row_nll")
+        checkpoint = out / SEARCH_CHECKPOINT
+        _check_checkpoint(checkpoint, len(units), fingerprint)
         prepare(recipe, out)
-        write_json(key_path, key)
         game = lesion_game(recipe, loaded.model, units, targets, RowNLL())
         say(f"plan: {stage.method} over {len(units)} units on {targets.n_rows} calibration blocks")
     return choose_removals(
         stage, units, targets, target, retain, game=game, routing=routing, shapley=shapley,
-        layer_sizes=sizes, checkpoint=checkpoint, batch_size=est.batch_size,
+        layer_sizes=sizes, checkpoint=checkpoint, fingerprint=fingerprint,
+        batch_size=est.batch_size,
         base_model=recipe.model.name, say=say,
     )  # fmt: skip
 
@@ -455,7 +524,7 @@ def apply(
     recipe: Recipe, out: Path, model: PreTrainedModel, targets: Targets | None = None
 ) -> list[EditRecord]:
     """Apply plan.json to `model` in place (and heal it when the recipe says); writes edit.json."""
-    chosen = Plan.load(out / PLAN_JSON) if (out / PLAN_JSON).is_file() else None
+    chosen = _read_plan(recipe, out)
     if chosen is None:
         raise MsaEditError(f"{out / PLAN_JSON} does not exist; run `msa-edit plan` first")
     records = apply_plan(model, chosen, extra=recipe.edit.extra)
@@ -481,6 +550,7 @@ def apply(
     return records
 
 
+@in_run_dir
 def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     """Apply plan.json to the base model and export the result to model/ (no metrics yet).
 
@@ -488,7 +558,7 @@ def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     time (`export.export_checkpoint`), so a 4-bit recipe never materialises the full-precision
     model; other edits load the base model in full precision, apply the plan and export it.
     """
-    chosen = Plan.load(out / PLAN_JSON) if (out / PLAN_JSON).is_file() else None
+    chosen = _read_plan(recipe, out)
     if chosen is not None and _streamable(recipe, chosen):
         folder = model_source(recipe.model, say)
         say(f"edit: removing {len(chosen.units)} experts from the checkpoint shards of {folder}")
@@ -504,6 +574,46 @@ def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     records = apply(recipe, out, loaded.model, targets)
     _say_records(records, say)
     return _export(recipe, out, loaded, metrics=None)
+
+
+def _read_plan(recipe: Recipe, out: Path) -> Plan | None:
+    """plan.json (None when absent), refused when it was made for another base model."""
+    if not (out / PLAN_JSON).is_file():
+        return None
+    chosen = Plan.load(out / PLAN_JSON)
+    if chosen.base_model != recipe.model.name:
+        raise MsaEditError(
+            f"{out / PLAN_JSON} was made for base model {chosen.base_model!r}, but the recipe's "
+            f"model is {recipe.model.name!r}; re-plan with this recipe or pass the plan's model"
+        )
+    return chosen
+
+
+def check_editable(recipe: Recipe, model: PreTrainedModel, units: list[Unit]) -> None:
+    """Refuse, before any analysis, an expert removal the editor will refuse whatever the values
+    say: `per_layer` experts from each layer of the unit set (the most a plan takes) must leave
+    top-k experts, and a layer outside the set makes the removal non-uniform."""
+    stage = recipe.plan
+    if (
+        stage is None or stage.per_layer is None or stage.action == "scale"
+        or not units or any(u.kind != "experts" for u in units)
+    ):  # fmt: skip
+        return
+    layers: dict[int, list[Unit]] = {}
+    for u in units:
+        layers.setdefault(u.layer, []).append(u)
+    probe = [u for group in layers.values() for u in group[: stage.per_layer]]
+    counts: dict[int, int] = {}
+    for u in discover(model, ["experts"]):
+        counts[u.layer] = counts.get(u.layer, 0) + 1
+    top_k = int(getattr(model.config, "num_experts_per_tok", 1))
+    try:
+        removal_layout(probe, sorted(counts), max(counts.values()), top_k, recipe.edit.extra)
+    except MsaEditError as exc:
+        raise MsaEditError(
+            f"plan.per_layer={stage.per_layer} over units {', '.join(recipe.units)} asks for an "
+            f"edit that will be refused ({exc}); fix the plan or the unit set before the analysis"
+        ) from None
 
 
 def _streamable(recipe: Recipe, chosen: Plan) -> bool:
@@ -565,6 +675,7 @@ def _load_edited(recipe: Recipe, out: Path, name: str) -> Loaded:
     return _load(str(out / MODEL_DIR), recipe.model, recipe.model.bits, name=name)
 
 
+@in_run_dir
 def evaluate(recipe: Recipe, out: Path, say: Say = say_line) -> dict[str, Any]:
     """Before (base model) and after (model/) metrics; writes eval.json."""
     base = load_model(recipe.model, say=say)
@@ -649,6 +760,7 @@ def _export(recipe: Recipe, out: Path, loaded: Loaded, metrics: Mapping[str, Any
     return export_model(loaded.model, loaded.tokenizer, out / MODEL_DIR, card=card, overwrite=True)
 
 
+@in_run_dir
 def export(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     """Put eval.json into model/'s card, push it when the recipe says, write report.md."""
     record = read_eval_json(out / EVAL_JSON) if (out / EVAL_JSON).is_file() else None
@@ -656,7 +768,12 @@ def export(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
         update_card(out / MODEL_DIR, _card(recipe, out, record))
         if recipe.export.push:
             assert recipe.export.repo_id is not None
-            url = push_to_hub(out / MODEL_DIR, recipe.export.repo_id, private=recipe.export.private)
+            stage = recipe.export
+            assert stage.repo_id is not None
+            url = push_to_hub(
+                out / MODEL_DIR, stage.repo_id, private=stage.private, timeout=stage.timeout,
+                retries=stage.retries,
+            )  # fmt: skip
             say(f"export: pushed to {url}")
     from msa_edit.evaluate.report import write_report
 
@@ -675,14 +792,20 @@ def prepare(recipe: Recipe, out: Path) -> Path:
     return out
 
 
+@in_run_dir
 def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     """Every stage the recipe has, in one process; returns the report's path."""
     loaded = load_model(recipe.model, say=say)
     units = select(loaded.model, list(recipe.units))  # a bad glob fails before anything is written
-    if recipe.plan is not None and recipe.plan.method != "shapley":
+    if recipe.plan is not None:
         sizes = _layer_sizes(loaded.model, units)
         check_feasible(recipe.plan, units, sizes, recipe.estimator is not None)
+        check_editable(recipe, loaded.model, units)
     targets = load_targets(recipe, loaded.tokenizer)
+    if recipe.estimator is not None:  # a budget too small or a stale checkpoint: refused now
+        check_request(len(units), recipe.estimator.method, recipe.estimator.budget)
+        fingerprint = game_fingerprint(recipe, loaded, units, recipe.targets.objective)
+        _check_checkpoint(_checkpoint(recipe, out), len(units), fingerprint)
     texts = eval_texts(recipe, loaded.folder) if recipe.plan is not None else {}
     for source in texts.values():  # a short or missing evaluation text fails before any writing
         text_blocks(loaded.tokenizer, source, recipe.evaluate.n_seq, recipe.evaluate.seq_len)
@@ -700,8 +823,8 @@ def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
     if recipe.model.bits is None:
         _say_records(apply(recipe, out, loaded.model, targets), say)
         after = metrics(recipe, loaded, texts)
+        _export(recipe, out, loaded, {"before": before, "after": after})  # model/ before eval.json
         write_eval_json(out / EVAL_JSON, before, after, candidates)
-        _export(recipe, out, loaded, read_eval_json(out / EVAL_JSON))
     else:  # edit the full-precision weights, evaluate the edited model quantised like the base
         del loaded
         edit(recipe, out, say)

@@ -2,8 +2,10 @@
 
 The pydantic models below are both the Python API and the YAML schema (unknown keys are errors).
 `load_recipe` reads a file, applies `--set key.path=value` overrides and validates it; every
-problem is one `MsaEditError` line naming the file and the key path. Local data paths are
-resolved against the recipe's folder and must exist; anything that looks like a Hub id is kept.
+problem is one `MsaEditError` line naming the file and the key path, echoing at most a short,
+clipped piece of the input. Local data paths are resolved against the recipe's folder and must
+exist; anything that looks like a Hub id is kept. A YAML file whose anchors and aliases expand to
+more than `MAX_YAML_VALUES` values is refused before anything is built from it.
 
 >>> r = Recipe(model={"path": "org/model"}, units=["layers.*.experts.*"],
 ...            targets={"sets": {"en": {"path": "org/english"}}}, estimator={"budget": 400})
@@ -16,14 +18,14 @@ True
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
+from huggingface_hub.utils import validate_repo_id
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -37,9 +39,9 @@ from pydantic import (
     model_validator,
 )
 
-from msa_edit.errors import MsaEditError
+from msa_edit.errors import MsaEditError, short
 from msa_edit.lesions import LESION_KINDS
-from msa_edit.plan import Action, Budget, Method, Mode
+from msa_edit.plan import MAX_ALPHA, Action, Budget, Method, Mode
 from msa_edit.search import SearchSettings
 from msa_edit.shapley.estimate import METHODS
 from msa_edit.shapley.ray_backend import RayBackend
@@ -65,6 +67,14 @@ DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
 """Suffixes of local data files (what `games.text_blocks` reads); other names may be Hub ids."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _NUMBER = re.compile(r"^[0-9*?]+$")
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+"""A target-set (language) name: it goes into reports, metric names (`nll/<name>`) and files."""
+MAX_YAML_VALUES = 100_000
+"""The most values (scalars, lists, mappings) a recipe may hold once aliases are expanded."""
+MAX_PROBLEMS = 5
+"""How many validation problems one error line lists."""
+MAX_PATH = 4096
+"""The longest local path or Hub id a recipe may give (Linux's PATH_MAX)."""
 
 
 class _At(ValueError):
@@ -100,7 +110,7 @@ def _check_unit_pattern(pattern: str) -> str:
         return pattern
     if not _glob_ok(pattern.split(".")):
         raise ValueError(
-            f"malformed unit glob {pattern!r}; globs look like layers.*, layers.*.experts.*, "
+            f"malformed unit glob {_short(pattern)}; globs look like layers.*, layers.*.experts.*, "
             "layers.0.heads.*, layers.*.mlp.neurons.* (`*` matches one dotted segment)"
         )
     return pattern
@@ -130,23 +140,53 @@ def _check_data_source(source: str, info: ValidationInfo) -> str:
     """A Hub data set id as given, or a local data file resolved against the recipe's folder."""
     if not source.strip():
         raise ValueError("give a local .txt/.json/.jsonl/.parquet file or a Hub data set id")
-    base = Path((info.context or {}).get("base_dir", "."))
-    path = (base / Path(source).expanduser()).resolve()
+    path = _resolve(source, info)
     looks_local = source.endswith(DATA_SUFFIXES) or source.startswith(("/", ".", "~"))
-    if path.is_file():
+    if path is not None and _is(path, Path.is_file):
         return str(path)
-    if looks_local or not _HUB_ID.match(source):
-        raise ValueError(f"data file {path} does not exist; fix the path or give a Hub id")
+    if looks_local or len(source) > MAX_PATH or not _HUB_ID.match(source):
+        where = _clip(str(path if path is not None else source))
+        raise ValueError(f"data file {where} does not exist; fix the path or give a Hub id")
     return source
 
 
 def _check_local_file(source: str, info: ValidationInfo) -> str:
     """A local file resolved against the recipe's folder; it must exist."""
-    base = Path((info.context or {}).get("base_dir", "."))
-    path = (base / Path(source).expanduser()).resolve()
-    if not path.is_file():
-        raise ValueError(f"file {path} does not exist; fix the path")
+    path = _resolve(source, info)
+    if path is None or not _is(path, Path.is_file):
+        raise ValueError(f"file {_clip(str(path or source))} does not exist; fix the path")
     return str(path)
+
+
+def _resolve(source: str, info: ValidationInfo) -> Path | None:
+    """`source` resolved against the recipe's folder, or None if it cannot be a path at all."""
+    if len(source) > MAX_PATH:
+        return None
+    base = Path((info.context or {}).get("base_dir", "."))
+    try:
+        return (base / Path(source).expanduser()).resolve()
+    except (OSError, RuntimeError, ValueError):  # too long, a symlink loop, a NUL byte
+        return None
+
+
+def _is(path: Path, test: Callable[[Path], bool]) -> bool:
+    """`test(path)` (`Path.is_file`, `Path.is_dir`), False where the OS refuses the name."""
+    try:
+        return bool(test(path))
+    except (OSError, ValueError):
+        return False
+
+
+def _check_set_names(names: Sequence[str], key: str) -> None:
+    """Refuse names that could not go into a report, a metric name or a file name."""
+    for name in names:
+        if not SET_NAME.fullmatch(name):
+            raise _At(
+                (key,),
+                f"name {_short(name)} must be 1-64 letters, digits, '_', '.', '+' or '-' "
+                "starting with a letter or digit (it goes into reports, metric names and file "
+                "names); rename it",
+            )
 
 
 def _experts_only(pattern: str) -> bool:
@@ -161,6 +201,12 @@ def _experts_only(pattern: str) -> bool:
 
 PosInt = Annotated[StrictInt, Field(gt=0)]
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+"""A float that is not NaN or infinite (every float of the schema is one)."""
+PosFinite = Annotated[Finite, Field(gt=0)]
+NonNegFinite = Annotated[Finite, Field(ge=0)]
+Factor = Annotated[Finite, Field(ge=-MAX_ALPHA, le=MAX_ALPHA)]
+"""A scale factor (alpha), within ±`msa_edit.plan.MAX_ALPHA` as plan.json requires."""
 UnitPattern = Annotated[str, AfterValidator(_check_unit_pattern)]
 DataSource = Annotated[str, AfterValidator(_check_data_source)]
 LocalFile = Annotated[str, AfterValidator(_check_local_file)]
@@ -183,6 +229,7 @@ class TinyMoeStage(_Stage):
     def _some_texts(self) -> TinyMoeStage:
         if not self.texts:
             raise _At(("texts",), "give at least one language file, e.g. en: en.txt")
+        _check_set_names(list(self.texts), "texts")
         return self
 
 
@@ -195,6 +242,11 @@ class ModelStage(_Stage):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     bits: Literal[4, 8] | None = None
     device_map: str | None = None
+    trust_remote_code: StrictBool = Field(
+        default=False,
+        description="Run the model repository's own Python code (from_pretrained's "
+        "trust_remote_code); only for repositories you trust.",
+    )
 
     @field_validator("bits")
     @classmethod
@@ -242,6 +294,7 @@ class TargetsStage(_Stage):
     def _retain_known(self) -> TargetsStage:
         if not self.sets:
             raise _At(("sets",), "give at least one target set, e.g. en: {path: en.txt}")
+        _check_set_names(list(self.sets), "sets")
         for i, name in enumerate(self.retain):
             if name not in self.sets:
                 raise _At(("retain", str(i)), _unknown_set(name, self.sets))
@@ -252,19 +305,19 @@ class LesionStage(_Stage):
     """How a unit is taken out during analysis (and by the matching editor)."""
 
     kind: str = "reroute"
-    alpha: float = 0.0
+    alpha: Factor = 0.0
 
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, kind: str) -> str:
         if kind not in LESION_KINDS:
-            raise ValueError(f"unknown lesion {kind!r}; choose one of {', '.join(LESION_KINDS)}")
+            raise ValueError(
+                f"unknown lesion {_short(kind)}; choose one of {', '.join(LESION_KINDS)}"
+            )
         return kind
 
     @model_validator(mode="after")
     def _alpha_for_scale(self) -> LesionStage:
-        if not math.isfinite(self.alpha):
-            raise _At(("alpha",), f"must be a finite number (got {self.alpha})")
         if self.kind != "scale" and self.alpha != 0.0:
             raise _At(("alpha",), f"only used with kind 'scale' (kind is {self.kind!r})")
         return self
@@ -282,20 +335,20 @@ class EstimatorStage(_Stage):
     seed: NonNegInt = 0
     batch_size: PosInt = 64
     rows_per_forward: PosInt = 64
-    tol: Annotated[float, Field(gt=0)] | None = None
+    tol: PosFinite | None = None
     topk: PosInt | None = None
     checkpoint: str | None = None
-    checkpoint_every: Annotated[float, Field(ge=0)] = 30.0
+    checkpoint_every: NonNegFinite = 30.0
     backend: Literal["local", "ray"] = "local"
     workers: PosInt | None = None
     cpus_per_worker: PosInt = 1
-    gpus_per_worker: Annotated[float, Field(ge=0)] | None = None
+    gpus_per_worker: NonNegFinite | None = None
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+            raise ValueError(f"unknown method {_short(method)}; choose one of {', '.join(METHODS)}")
         return method
 
     @field_validator("backend")
@@ -342,16 +395,16 @@ class PlanStage(_Stage):
     mode: Mode = "specific"
     method: Method = "shapley"
     per_layer: PosInt | None = None
-    fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    fraction: Annotated[Finite, Field(gt=0, le=1)] | None = None
     min_keep_per_layer: NonNegInt = 0
-    min_z: float | None = None
-    alpha: float | None = None
+    min_z: Finite | None = None
+    alpha: Factor | None = None
     coalitions: PosInt | None = None
     rounds: PosInt | None = None
     width: NonNegInt = 2
     swaps: NonNegInt = 0
-    retain_bound: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
-    retain_z: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 2.0
+    retain_bound: NonNegFinite | None = None
+    retain_z: PosFinite = 2.0
 
     @model_validator(mode="after")
     def _has_budget(self) -> PlanStage:
@@ -397,7 +450,7 @@ class HealStage(_Stage):
     """LoRA healing after the edit (`edit.peft_export.heal_lora`)."""
 
     steps: PosInt = 50
-    lr: Annotated[float, Field(gt=0)] = 1e-3
+    lr: PosFinite = 1e-3
     r: PosInt = 8
     seed: NonNegInt = 0
 
@@ -427,25 +480,59 @@ class EvaluateStage(_Stage):
     def _include_folder(cls, folder: str | None, info: ValidationInfo) -> str | None:
         if folder is None:
             return None
-        path = (
-            Path((info.context or {}).get("base_dir", ".")) / Path(folder).expanduser()
-        ).resolve()
-        if not path.is_dir():
-            raise ValueError(f"folder {path} does not exist; it should hold lm-eval task YAMLs")
+        path = _resolve(folder, info)
+        if path is None or not _is(path, Path.is_dir):
+            raise ValueError(
+                f"folder {_clip(str(path or folder))} does not exist; it should hold lm-eval "
+                "task YAMLs"
+            )
         return str(path)
+
+    @model_validator(mode="after")
+    def _text_names(self) -> EvaluateStage:
+        _check_set_names(list(self.texts), "texts")
+        return self
 
 
 class ExportStage(_Stage):
-    """Where the edited model goes: always `model/` in the run directory, optionally the Hub."""
+    """Where the edited model goes: always `model/` in the run directory, optionally the Hub.
+
+    `timeout` bounds each Hub connect and read; a Hub call that times out or loses its
+    connection is tried `retries` more times.
+    """
 
     push: StrictBool = False
     repo_id: str | None = None
     private: StrictBool = True
+    timeout: PosFinite = Field(
+        default=60.0, description="Seconds each Hub connect or read may take before it fails."
+    )
+    retries: Annotated[StrictInt, Field(ge=0, le=10)] = Field(
+        default=2,
+        description="How many more times a Hub call is tried after a timeout or a lost "
+        "connection (0-10).",
+    )
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_repo_id(cls, repo_id: str | None) -> str | None:
+        if repo_id is None:
+            return None
+        try:
+            validate_repo_id(repo_id)
+            ok = repo_id.count("/") == 1
+        except ValueError:  # huggingface_hub's HFValidationError
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"must look like 'namespace/name' (your user or organisation, then the model "
+                f"name: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 "
+                f"characters), got {_short(repo_id)}"
+            )
+        return repo_id
 
     @model_validator(mode="after")
     def _repo_for_push(self) -> ExportStage:
-        if self.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
-            raise _At(("repo_id",), f"must look like 'user/name' (got {self.repo_id!r})")
         if self.push and self.repo_id is None:
             raise _At(("repo_id",), "required when push is true")
         return self
@@ -525,7 +612,7 @@ class Recipe(_Stage):
 
 
 def _unknown_set(name: str, sets: Mapping[str, object]) -> str:
-    return f"unknown target set {name!r}; targets.sets has {', '.join(sets)}"
+    return f"unknown target set {_short(name)}; targets.sets has {_clip(', '.join(sets), 200)}"
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -534,21 +621,27 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     >>> recipe = load_recipe("recipes/demo.yaml", ["estimator.budget=800"])  # doctest: +SKIP
     """
     path = Path(path)
-    if not path.is_file():
+    if not _is(path, Path.is_file):
         raise MsaEditError(f"recipe {path} does not exist; check the path")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MsaEditError(
+            f"{path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
+            "save the recipe as UTF-8"
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise MsaEditError(f"cannot read recipe {path} ({reason}); check the file") from None
     return _validate(_parse(text, str(path)), str(path), path.resolve().parent, overrides)
 
 
 def _parse(text: str, source: str) -> dict[str, Any]:
     """The recipe's top-level mapping."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or exc.__class__.__name__
-        raise MsaEditError(f"{source}: not valid YAML{where} ({problem})") from None
+        data = _load_yaml(text)
+    except _YamlProblem as exc:
+        raise MsaEditError(f"{source}: {exc}") from None
     if not isinstance(data, dict):
         raise MsaEditError(
             f"{source}: a recipe is a mapping of stages (model, units, targets, estimator, ...), "
@@ -576,18 +669,22 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     keys = key.strip().split(".")
     if not sep or not all(keys):
-        raise MsaEditError(f"--set {override!r}: write key.path=value, e.g. estimator.budget=800")
-    _schema_at(keys, f"--set {override!r}")
+        raise MsaEditError(
+            f"--set {_short(override)}: write key.path=value, e.g. estimator.budget=800"
+        )
+    what = f"--set {_short(override)}"
+    _schema_at(keys, what)
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise MsaEditError(f"--set {override!r}: the value is not valid YAML") from None
+        value = _load_yaml(raw, "the value")
+    except _YamlProblem as exc:
+        problem = f"the value is {exc}" if str(exc).startswith("not valid") else str(exc)
+        raise MsaEditError(f"{what}: {problem}") from None
     node = data
     for i, part in enumerate(keys[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            where = ".".join(keys[: i + 1])
-            raise MsaEditError(f"--set {override!r}: {where} is not a mapping in the recipe")
+            where = _clip(".".join(keys[: i + 1]))
+            raise MsaEditError(f"{what}: {where} is not a mapping in the recipe")
         node = child
     node[keys[-1]] = value
 
@@ -616,8 +713,8 @@ def _schema_at(keys: Sequence[str], what: str) -> Any:
         elif get_origin(tp) is dict:
             tp = get_args(tp)[1]
         else:
-            where = ".".join(keys[:i]) or "the recipe"
-            raise MsaEditError(f"{what}: unknown key {key!r} in {where}{_expected(tp)}")
+            where = _clip(".".join(keys[:i])) or "the recipe"
+            raise MsaEditError(f"{what}: unknown key {_short(key)} in {where}{_expected(tp)}")
     return tp
 
 
@@ -630,8 +727,13 @@ def _expected(tp: Any) -> str:
 
 
 def _describe(exc: ValidationError) -> str:
-    """All of a validation error's problems on one line (` | ` between), each with its key path."""
-    return " | ".join(_describe_one(err) for err in exc.errors())
+    """A validation error's problems on one line (` | ` between, at most `MAX_PROBLEMS`), each
+    with its key path."""
+    errors = exc.errors(include_url=False)
+    problems = [_describe_one(err) for err in errors[:MAX_PROBLEMS]]
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"... and {len(errors) - MAX_PROBLEMS} more problems")
+    return " | ".join(problems)
 
 
 def _describe_one(err: Any) -> str:
@@ -639,7 +741,7 @@ def _describe_one(err: Any) -> str:
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, _At):
         loc += cause.path
-    path = ".".join(loc) or "recipe"
+    path = ".".join(_clip(part, 40) for part in loc) or "recipe"
     kind = err["type"]
     if kind == "missing":
         return f"{path}: missing (required)"
@@ -653,9 +755,93 @@ def _describe_one(err: Any) -> str:
         message = "must be " + message.removeprefix("Input should be ")
     if kind != "value_error" and not isinstance(cause, _At):
         message += f" (got {_short(err.get('input'))})"
-    return f"{path}: {message}".replace("\n", " ")
+    return _clip(f"{path}: {message}", 400)
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A bounded repr of a piece of user input (long strings and lists are elided)."""
+    try:
+        return short(value)
+    except ValueError:  # an int of more digits than Python will print
+        return f"<{type(value).__name__}>"
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """`text` on one line, at most about `limit` characters (the middle elided)."""
+    if len(text) > limit:
+        text = text[: limit // 2 - 2] + "..." + text[-(limit // 2 - 2) :]
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+class _YamlProblem(ValueError):
+    """Why YAML text cannot be a recipe (or a --set value): the message completes a sentence."""
+
+
+def _load_yaml(text: str, what: str = "the recipe") -> Any:
+    """`yaml.safe_load`, but refusing an anchor/alias bomb or a self-referring anchor before
+    anything is built from it (the node graph is composed first and measured with every alias
+    expanded), and turning every parse problem into `_YamlProblem`.
+
+    >>> _load_yaml("{a: &x [1, 2], b: *x}")
+    {'a': [1, 2], 'b': [1, 2]}
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, MAX_YAML_VALUES, what)
+        if size > MAX_YAML_VALUES:
+            raise _YamlProblem(
+                f"the YAML expands to more than {MAX_YAML_VALUES:,} values (anchors/aliases?); "
+                f"write {what} out plainly"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise _YamlProblem(f"not valid YAML{where} ({_clip(str(problem))})") from None
+    except RecursionError:
+        raise _YamlProblem("not valid YAML (nested too deeply)") from None
+    except ValueError as exc:
+        if isinstance(exc, _YamlProblem):
+            raise
+        # a value PyYAML recognises but cannot build: a huge integer, a date like 2024-13-45
+        raise _YamlProblem(f"not valid YAML ({_clip(str(exc).split(':')[0])})") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node, limit: int, what: str) -> int:
+    """How many nodes `root` holds with every alias expanded, counted up to `limit` + 1
+    (a shared node counts each time it is used); a node inside itself is a `_YamlProblem`."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise _YamlProblem(
+                f"a YAML anchor is used inside itself (a recursive alias); write {what} out plainly"
+            )
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from msa_edit.errors import MsaEditError
+from msa_edit.fingerprint import Value
 from msa_edit.search.quota import Quota
 from msa_edit.search.result import Candidate
 from msa_edit.shapley.cache import CoalitionCache, Game, pack_keys
@@ -119,12 +120,14 @@ class Removals:
         *,
         checkpoint: str | os.PathLike[str] | None = None,
         progress: bool | None = None,
+        fingerprint: Mapping[str, Value] | None = None,
     ) -> None:
         self.n_players = n_players
         self.budget = budget
         self.cache = CoalitionCache(
-            game, n_players, batch_size, checkpoint, progress=progress, total=budget
-        )
+            game, n_players, batch_size, checkpoint, progress=progress, total=budget,
+            fingerprint=fingerprint,
+        )  # fmt: skip
         self._used: set[bytes] = set()
         self._full: torch.Tensor | None = None
 

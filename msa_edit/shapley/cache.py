@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -21,11 +21,13 @@ import torch
 from tqdm import tqdm
 
 from msa_edit.errors import MsaEditError
+from msa_edit.fingerprint import Value
+from msa_edit.shapley.checkpoint import checkpoint_size, read_checkpoint, write_checkpoint
+
+__all__ = ["BatchPool", "CoalitionCache", "Game", "GameSpec", "checkpoint_size"]
 
 Game = Callable[[torch.Tensor], torch.Tensor]
 """A game maps coalitions `bool [B, n]` (True = intact) to values `float [B, *output_shape]`."""
-
-CHECKPOINT_VERSION = 1
 
 
 @runtime_checkable
@@ -101,21 +103,6 @@ def pack_keys(coalitions: torch.Tensor) -> list[bytes]:
     return [row.tobytes() for row in packed]
 
 
-def unpack_keys(keys: np.ndarray, n_players: int) -> torch.Tensor:
-    """Inverse of `pack_keys` for a `uint8 [M, ceil(n/8)]` array of packed rows."""
-    bits = np.unpackbits(keys, axis=1, count=n_players).astype(bool)
-    return torch.from_numpy(bits)
-
-
-def checkpoint_size(path: str | os.PathLike[str]) -> int:
-    """Coalitions stored in the checkpoint at `path`: 0 when there is none (or it is unreadable,
-    which the cache reports when it opens it)."""
-    try:
-        return len(torch.load(Path(path), weights_only=True, mmap=True)["keys"])
-    except Exception:
-        return 0
-
-
 class CoalitionCache:
     """Values of the coalitions seen so far, keyed by bitmask; evaluates misses in batches.
 
@@ -136,6 +123,7 @@ class CoalitionCache:
         checkpoint_every: float = 60.0,
         progress: bool | None = None,
         total: int | None = None,
+        fingerprint: Mapping[str, Value] | None = None,
     ) -> None:
         if batch_size < 1:
             raise MsaEditError(f"batch_size must be >= 1, got {batch_size}")
@@ -144,6 +132,9 @@ class CoalitionCache:
         self.batch_size = batch_size
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.checkpoint_every = checkpoint_every
+        self.fingerprint = dict(fingerprint) if fingerprint is not None else None
+        """What the values depend on (`msa_edit.fingerprint`): stored in the checkpoint, and a
+        checkpoint made for another game is refused."""
         self._index: dict[bytes, int] = {}
         self._keys = np.zeros((0, (n_players + 7) // 8), dtype=np.uint8)
         self._values: torch.Tensor | None = None
@@ -190,12 +181,6 @@ class CoalitionCache:
         batches = [coalitions[chunk] for chunk in chunks]
         for chunk, batch, out in zip(chunks, batches, self._map(batches), strict=True):
             self._store(batch, [keys[r] for r in chunk], out)
-        assert self._values is not None
-        idx = torch.tensor([self._index[k] for k in keys], dtype=torch.long)
-        return self._values[idx].double()
-
-    def lookup(self, keys: list[bytes]) -> torch.Tensor:
-        """Stored values `float64 [len(keys), *output_shape]` of already evaluated keys."""
         assert self._values is not None
         idx = torch.tensor([self._index[k] for k in keys], dtype=torch.long)
         return self._values[idx].double()
@@ -276,46 +261,19 @@ class CoalitionCache:
         self._values, self._keys = values, keys
 
     def flush(self) -> None:
-        """Write the checkpoint atomically (temp file, fsync, rename) if anything changed."""
+        """Write the checkpoint atomically (unique temp file, fsync, rename) if anything changed."""
         if self.checkpoint is None or not self._dirty or self._values is None:
             return
-        state = {
-            "version": CHECKPOINT_VERSION,
-            "n_players": self.n_players,
-            "keys": torch.from_numpy(self._keys[: self._size].copy()),
-            "values": self._values[: self._size].clone(),
-        }
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.checkpoint)
+        write_checkpoint(
+            self.checkpoint, self.n_players, self._keys[: self._size], self._values[: self._size],
+            self.fingerprint,
+        )  # fmt: skip
         self._dirty = False
         self._last_write = time.monotonic()
 
     def _load(self, path: Path) -> None:
-        try:
-            state = torch.load(path, weights_only=True)
-        except Exception as exc:  # a foreign or corrupt file: say so instead of a traceback
-            raise MsaEditError(
-                f"checkpoint {path} is not a readable msa_edit checkpoint "
-                f"({exc.__class__.__name__}); "
-                "delete it or pass another checkpoint path"
-            ) from exc
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            raise MsaEditError(
-                f"checkpoint {path} has an unknown format; "
-                "delete it or pass another checkpoint path"
-            )
-        if state["n_players"] != self.n_players:
-            raise MsaEditError(
-                f"checkpoint {path} was written for {state['n_players']} players, not "
-                f"{self.n_players}; pass another checkpoint path for this game"
-            )
-        keys = state["keys"].numpy()
-        self._append([row.tobytes() for row in keys], state["values"])
+        keys, values = read_checkpoint(path, self.n_players, self.fingerprint)
+        self._append([row.tobytes() for row in keys], values)
 
     def close(self) -> None:
         """Flush the checkpoint and close the progress bar."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
 
 from msa_edit.errors import MsaEditError
+from msa_edit.fingerprint import Value
 from msa_edit.shapley.cache import BatchPool, CoalitionCache, Game, GameSpec, as_rows, pack_keys
 from msa_edit.shapley.exact import CHUNK, EXACT_MAX_PLAYERS, accumulate_exact, all_coalitions
 from msa_edit.shapley.kernel import KernelSampler
@@ -79,6 +81,20 @@ def resolve_method(method: str, n_players: int, budget: int | None) -> str:
     if n_players <= EXACT_MAX_PLAYERS and budget >= 1 << n_players:
         return "exact"
     return "kernel" if budget >= min_budget("kernel", n_players) else "permutation"
+
+
+def check_request(n_players: int, method: str = "auto", budget: int | None = None) -> str:
+    """The method `estimate` would run for `n_players` within `budget`; `MsaEditError` when the
+    budget cannot pay for it (so a caller can refuse before writing or evaluating anything).
+
+    >>> check_request(8, "exact")
+    'exact'
+    """
+    if method not in METHODS:
+        raise MsaEditError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    resolved = resolve_method(method, n_players, budget)
+    _check_budget(resolved, n_players, budget)
+    return resolved
 
 
 def _check_args(
@@ -175,6 +191,7 @@ def estimate(
     progress: bool | None = None,
     backend: str | RayBackend = "local",
     workers: int | None = None,
+    fingerprint: Mapping[str, Value] | None = None,
 ) -> ShapleyResult:
     """Shapley values of every player of `game`, shaped like the game's output (Shapley modes).
 
@@ -184,7 +201,8 @@ def estimate(
     stay the same for 3 rounds. With `checkpoint`, evaluated coalitions are written there (at most
     every `checkpoint_every` seconds, atomically) and a rerun with the same arguments resumes
     without re-evaluating them and returns the same bits. `progress=None` shows a bar only on a
-    terminal.
+    terminal. `fingerprint` (`msa_edit.fingerprint`: what the game's values depend on) is stored
+    in the checkpoint, and a checkpoint made with another one is refused, naming what changed.
 
     `game` may also be a `GameSpec`, whose `build()` makes the game. `backend="ray"` evaluates
     the batches on `workers` Ray actors (a `RayBackend` sets their resources), each holding the
@@ -209,7 +227,14 @@ def estimate(
     evaluator = _evaluator(game, backend, workers)
     try:
         cache = CoalitionCache(
-            evaluator, n_players, batch_size, checkpoint, checkpoint_every, progress, total
+            evaluator,
+            n_players,
+            batch_size,
+            checkpoint,
+            checkpoint_every,
+            progress,
+            total,
+            fingerprint=fingerprint,
         )
         try:
             if resolved == "exact":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -229,3 +231,170 @@ def test_eval_without_delta_computes_it(tmp_path: Path) -> None:
     text = write_report(run).read_text()
     assert "`nll/ru` +1.4877 (2.5000 → 3.9877)" in text
     assert _table(text)["nll/en"] == ("2.1235", "2.1300", "+0.0065")
+
+
+def _edit_json(path: Path, change: Callable[[dict[str, Any]], object]) -> None:
+    obj = json.loads(path.read_text())
+    change(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _rows_of(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first table after the line `heading`, header row first (split at
+    unescaped pipes, so a pipe that a name slipped in shows as an extra cell)."""
+    lines = text.splitlines()
+    start = next(i for i in range(lines.index(heading), len(lines)) if lines[i].startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = lines[start:end]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", row)[1:-1]] for row in rows[:1] + rows[2:]]
+
+
+def test_nulls_everywhere_show_na(tmp_path: Path) -> None:
+    """shapley.json writes non-finite numbers as null; every report path takes them."""
+    run = _make_run(tmp_path)
+
+    def shapley(obj: dict[str, Any]) -> None:
+        obj["values"][0] = [None, None, None]  # layers.0.experts.0: n/a for every target
+        obj["values"][7][1] = None
+        obj["stderr"][0] = [None, None, None]
+        obj["v_full"], obj["v_empty"] = [None, 2.5, None], [None, None, None]
+        for point in obj["trace"]:
+            point["values"][0] = [None, None, None]
+            point["stderr"] = [[None] * 3 for _ in UNITS]  # no finite stderr: no log axis data
+        obj["trace"] += [
+            {"n_evaluations": None, "values": obj["values"], "stderr": obj["stderr"]},
+            {"n_evaluations": 256, "values": None, "stderr": "unreadable"},
+        ]
+
+    def plan(obj: dict[str, Any]) -> None:
+        obj["scores"][CHOSEN[0]] = None
+        obj["search"] = {
+            "chosen": "a",
+            "n_evaluations": None,
+            "candidates": [
+                {"name": "a", "units": CHOSEN, "search": None, "check": None, "all": None,
+                 "stderr": None, "per_set": {"ru": None}},
+                {"name": "b", "units": [], "search": 0.1, "check": 0.2, "all": 0.3,
+                 "stderr": 0.01, "per_set": {"ru": 0.4}},
+            ],
+        }  # fmt: skip
+
+    def eval_(obj: dict[str, Any]) -> None:
+        obj["before"].update({"ppl/en": None, "ppl/ru": 0.0, "nll/ru": None})
+        obj["after"].update({"ppl/en": None, "ppl/ru": None, "arc_easy/acc": None})
+        obj["delta"].update({"ppl/en": None, "ppl/ru": None, "nll/ru": None})
+        obj["delta"]["arc_easy/acc"] = None
+        obj["candidates"] = {"a": {"nll/ru": None, "nll/en": 2.2}, "b": {"nll/ru": 2.6}}
+
+    _edit_json(run / "shapley.json", shapley)
+    _edit_json(run / "plan.json", plan)
+    _edit_json(run / "eval.json", eval_)
+    text = write_report(run).read_text()
+    for name in ("before_after.png", "convergence.png", "ranking.png", "candidates.png"):
+        assert (run / name).read_bytes()[:8] == PNG_MAGIC, name
+    table = _table(text)
+    assert table["ppl/en"] == ("n/a", "n/a", "n/a")
+    assert table["ppl/ru"] == ("0.0000", "n/a", "n/a")
+    assert table["nll/ru"] == ("n/a", "3.9877", "n/a")
+    assert table["arc_easy/acc"] == ("0.4124", "n/a", "n/a")
+    assert _rows_of(text, "### en")[-1][1:] == ["`layers.0.experts.0`", "n/a", "∞"]  # last
+    assert [r[1:] for r in _rows_of(text, "### ru")[-2:]] == [
+        ["`layers.0.experts.0`", "n/a", "∞"],
+        ["`layers.1.experts.3`", "n/a", "0.0270"],
+    ]
+    candidates = {row[0]: row for row in _rows_of(text, "## Candidates")}
+    assert candidates["**a**"][2:6] == ["n/a", "n/a", "n/a ± n/a", "n/a"]
+    assert "nan" not in text.lower().replace("nans/token", "")
+
+
+def test_names_cannot_inject_markdown(tmp_path: Path) -> None:
+    """Names from hand-made run files land in inline code: no heading, cell or HTML escapes."""
+    evil = "x\n## injected"
+    run = _make_run(tmp_path, recipe=False)
+    targets = [evil, "a|b`c", "<script>alert(1)</script>"]
+    _edit_json(run / "shapley.json", lambda o: o.update(targets=targets, model="m\n# injected"))
+
+    def plan(obj: dict[str, Any]) -> None:
+        obj.update(target=[evil], retain=["a|b`c"], mode="*specific*\n# injected")
+        obj["search"] = {
+            "chosen": evil,
+            "candidates": [
+                {"name": evil, "units": [], "search": 0.1, "check": 0.2, "all": 0.3,
+                 "stderr": 0.01, "per_set": {evil: 0.5}},
+                {"name": "d|e", "units": [], "search": 0.1, "check": 0.2, "all": 0.3,
+                 "stderr": 0.01, "per_set": {"<b>": 0.5}},
+            ],
+        }  # fmt: skip
+
+    def eval_(obj: dict[str, Any]) -> None:
+        for key in ("before", "after", "delta"):
+            obj[key].update({f"nll/{evil}": 1.0, "arc|easy/<i>acc</i>": 0.5})
+
+    _edit_json(run / "plan.json", plan)
+    _edit_json(run / "eval.json", eval_)
+    _edit_json(run / "edit.json", lambda o: o["records"][0].update(action="a\n# injected"))
+    text = write_report(run).read_text()
+    for line in text.splitlines():
+        assert not re.match(r" {0,3}#{1,6}\s+injected", line), line  # no heading of its own
+        outside_code = re.sub(r"(`+).*?\1", "", line)
+        assert not re.search(r"<(?!/?(details|summary)>)", outside_code), line  # no raw HTML
+    assert "### `x\\n## injected`" in text and "# MSA report: `m\\n# injected`" in text
+    for heading in ("## Candidates", "## Before and after the edit", "### `x\\n## injected`"):
+        rows = _rows_of(text, heading)
+        assert len(rows) > 2 and {len(r) for r in rows} == {len(rows[0])}, heading
+    markdown_it = pytest.importorskip("markdown_it")  # rendered as GitHub would, where present
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(text)
+    headings = re.findall(r"<h\d>(.*?)</h\d>", html)
+    assert not [h for h in headings if "injected" in re.sub(r"<code>.*?</code>", "", h)]
+    assert "<script>" not in html and "<i>" not in html and "<b>" not in html
+    assert "<h3><code>x\\n## injected</code></h3>" in html
+
+
+def _set(file: str, **fields: Any) -> Callable[[Path], None]:
+    return lambda run: _edit_json(run / file, lambda o: o.update(fields))
+
+
+HAND_EDITED: dict[str, Callable[[Path], None]] = {
+    "no units": _set("shapley.json", units=[], values=[], stderr=[], trace=[]),
+    "plan with no units or scores": _set("plan.json", units=[], scores={}, stderr={}),
+    "bare shapley": lambda run: (run / "shapley.json").write_text(
+        json.dumps({"units": UNITS, "values": _values(1.0)})
+    ),
+    "odd shapley fields": _set("shapley.json", targets="ru", stderr="x", trace={}, budget=None),
+    "odd plan fields": _set(
+        "plan.json", target="ru", retain=None, units=["layers.0.experts.0", "bad"], search=[1]
+    ),
+    "odd scores": _set("plan.json", scores={"x": "high", UNITS[0]: 1e6}, stderr=[]),
+    "empty eval": lambda run: (run / "eval.json").write_text("{}"),
+    "odd eval": _set("eval.json", before=[1, 2], after={"nll/en": "2.1", "ppl/en": -1.0}),
+    "non-finite eval": lambda run: (run / "eval.json").write_text(
+        '{"before": {"ppl/en": Infinity, "nll/en": NaN}, "after": {"ppl/en": -Infinity}}'
+    ),
+    "edit list": lambda run: (run / "edit.json").write_text('[{"action": null}, 3]'),
+    "sparse candidates": _set(
+        "plan.json", search={"candidates": [{"name": "a"}, {}, 5], "chosen": None}
+    ),
+    "binary recipe": lambda run: (run / "recipe.yaml").write_bytes(b"model: \xff\xfe\n"),
+}
+
+
+@pytest.mark.parametrize("change", HAND_EDITED.values(), ids=HAND_EDITED.keys())
+def test_hand_edited_run_files_degrade_gracefully(
+    tmp_path: Path, change: Callable[[Path], None]
+) -> None:
+    run = _make_run(tmp_path)
+    _edit_json(run / "shapley.json", lambda o: o.update(trace=o["trace"][:2]))  # faster
+    change(run)
+    text = write_report(run).read_text()
+    assert text.startswith("# ") and "Traceback" not in text
+
+
+def test_wrong_top_level_json_is_a_clear_error(tmp_path: Path) -> None:
+    run = _make_run(tmp_path)
+    (run / "plan.json").write_text("[]")
+    with pytest.raises(MsaEditError, match=r"plan\.json should hold an object"):
+        write_report(run)
+    (run / "plan.json").unlink()
+    (run / "shapley.json").write_text('{"units": ["x\\n## injected"], "values": [[1.0]]}')
+    with pytest.raises(MsaEditError, match="malformed unit name"):
+        write_report(run)

@@ -84,6 +84,19 @@ MALFORMED: list[tuple[str, Mutation | str, str]] = [
     ("bad YAML", "model: [unclosed\n", "not valid YAML at line 2"),
     ("not a mapping", "- just\n- a list\n", "a recipe is a mapping of stages"),
     ("4-bit, no bitsandbytes", setting("model.bits", 4), "pip install msa-edit[quant]"),
+    (
+        "budget too small",
+        setting("estimator", {"method": "permutation", "budget": 3}),
+        "budget=3 is too small for method='permutation'",
+    ),
+    (
+        "fraction too small",
+        setting("plan", {"target": ["ru"], "fraction": 0.05}),
+        "raise per_layer/fraction",
+    ),
+    ("edit will be refused", setting("units", "layers.0.experts.*"), "cannot be saved as reroute"),
+    ("fewer than top-k", setting("plan.per_layer", 3), "fewer than top-k=2"),
+    ("no such CUDA device", setting("model.device_map", "cuda:99"), "'cuda:99', but this machine"),
 ]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -231,3 +233,198 @@ def test_unit_glob_syntax() -> None:
     for bad in ["layers.*.experts", "layers.a*.experts.*", "layers.*.mlp.*", "*"]:
         with pytest.raises(ValueError, match="malformed unit"):
             recipes._check_unit_pattern(bad)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A ~1 KB "billion laughs" YAML list: each anchor repeats the previous one `width` times."""
+    items = [f"&l0 [{', '.join(['lol'] * width)}]"]
+    items += [f"&l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+def one_line_error(path: Path, overrides: list[str] | None = None) -> str:
+    with pytest.raises(MsaEditError) as info:
+        load_recipe(path, overrides or [])
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_yaml_alias_bomb_is_refused_but_small_anchors_work(tmp_path: Path) -> None:
+    bomb = alias_bomb()
+    assert len(bomb) < 1500
+    data = {k: v for k, v in VALID.items() if k != "estimator"}
+    start = time.perf_counter()
+    message = one_line_error(
+        write(tmp_path, f"{yaml.safe_dump(data)}estimator: {{budget: {bomb}}}")
+    )
+    assert time.perf_counter() - start < 5
+    assert "expands to more than 100,000 values (anchors/aliases?)" in message
+    assert message.endswith("write the recipe out plainly")
+    start = time.perf_counter()
+    message = one_line_error(write(tmp_path, VALID), [f"estimator.budget={bomb}"])
+    assert time.perf_counter() - start < 5 and "expands to more than" in message
+    small = """
+model: {path: org/tiny-moe}
+units: [layers.*.experts.*]
+targets:
+  sets:
+    en: &small {path: en.txt, n_seq: 4, seq_len: 16}
+    ru: {<<: *small, path: org/ru}
+estimator: {budget: 40}
+"""
+    recipe = load_recipe(write(tmp_path, small))
+    assert recipe.targets.sets["ru"].n_seq == 4 and recipe.targets.sets["ru"].path == "org/ru"
+
+
+def test_recursive_alias_is_one_line(tmp_path: Path) -> None:
+    text = yaml.safe_dump(VALID).replace("units:", "units: &u [*u]\nunused:", 1)
+    assert "a YAML anchor is used inside itself" in one_line_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("model: {path: org/x}\nseed: " + "1" * 5000 + "\n", "not valid YAML (Exceeds the limit"),
+        ("model: {path: org/x}\nwhen: 2024-13-45\n", "not valid YAML (month must be in 1..12)"),
+        ("model: " + "[" * 20000 + "]" * 20000 + "\n", "not valid YAML (nested too deeply)"),
+    ],
+    ids=["huge int", "impossible date", "deep nesting"],
+)
+def test_yaml_python_cannot_build_is_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in one_line_error(write(tmp_path, text))
+
+
+def test_non_utf8_recipe_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(yaml.safe_dump(VALID).encode() + "# caf\xe9\n".encode("latin-1"))
+    message = one_line_error(path)
+    assert message.startswith(f"{path} is not UTF-8 text") and "save the recipe as UTF-8" in message
+
+
+MEGABYTE = "x" * 1_000_000
+LONG: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("method", change("estimator.method", MEGABYTE), "estimator.method: unknown method"),
+    ("lesion kind", change("lesion.kind", MEGABYTE), "lesion.kind: unknown lesion"),
+    ("repo id", change("export.repo_id", MEGABYTE), "export.repo_id: must look like"),
+    ("unit name", change("units", ["layers.1." + MEGABYTE]), "units.0: malformed unit"),
+    ("unit glob", change("units", ["layers.*." + MEGABYTE]), "units.0: malformed unit glob"),
+    ("plan target", change("plan.target", [MEGABYTE]), "plan.target.0: unknown target set"),
+    ("data path", change("targets.sets.ru.path", MEGABYTE), "targets.sets.ru.path: data file"),
+    ("set name", change(f"targets.sets.{MEGABYTE}", {"path": "org/x"}), "targets.sets: name"),
+    ("unknown key", change(f"estimator.{MEGABYTE}", 1), "unknown key; expected one of method"),
+    ("many problems", change("units", list(range(1000))), "... and 995 more problems"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [m[1:] for m in LONG], ids=[m[0] for m in LONG])
+def test_error_text_is_bounded(
+    tmp_path: Path, mutate: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    data = copy.deepcopy(VALID)
+    mutate(data)
+    path = write(tmp_path, data)
+    message = one_line_error(path)
+    assert expected in message
+    assert len(message) - len(str(path)) < 500
+
+
+def test_long_override_is_bounded(tmp_path: Path) -> None:
+    message = one_line_error(write(tmp_path, VALID), [f"{MEGABYTE}=1"])
+    assert "unknown key" in message and len(message) < 500
+
+
+NON_FINITE: list[tuple[str, str, float]] = [
+    ("estimator.tol", "estimator.tol", math.nan),
+    ("estimator.checkpoint_every", "estimator.checkpoint_every", math.inf),
+    ("plan.fraction", "plan.fraction", math.nan),
+    ("plan.min_z", "plan.min_z", math.nan),
+    ("plan.min_z", "plan.min_z", -math.inf),
+    ("edit.heal.lr", "edit.heal.lr", math.inf),
+    ("export.timeout", "export.timeout", math.inf),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "path", "value"), NON_FINITE, ids=[f"{k}={v}" for k, _, v in NON_FINITE]
+)
+def test_every_float_is_finite(tmp_path: Path, key: str, path: str, value: float) -> None:
+    data = copy.deepcopy(VALID)
+    change(path, value)(data)
+    message = one_line_error(write(tmp_path, data))
+    assert f"{key}: must be a finite number" in message and " | " not in message
+
+
+@pytest.mark.parametrize("alpha", [".nan", ".inf", "1e9", "-1001.0"])
+def test_scale_factors_are_finite_and_bounded(tmp_path: Path, alpha: str) -> None:
+    data = copy.deepcopy(VALID)
+    data["lesion"] = {"kind": "zero"}
+    data["units"] = ["layers.*.heads.*"]
+    data["plan"] |= {"action": "scale"}
+    message = one_line_error(write(tmp_path, data), [f"plan.alpha={alpha}"])
+    assert "plan.alpha: must be" in message
+    assert PlanStage(per_layer=1, target=("ru",), action="scale", alpha=-1000.0).alpha == -1000
+
+
+BAD_NAMES = ["# injected\n## heading", "../etc", "a b", "-x", "x" * 65, "ru/nll", "日本語"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=range(len(BAD_NAMES)))
+def test_target_set_names_are_restricted(tmp_path: Path, name: str) -> None:
+    data = copy.deepcopy(VALID)
+    data["targets"]["sets"][name] = {"path": "org/x"}
+    message = one_line_error(write(tmp_path, data))
+    assert message.startswith(f"{tmp_path / 'recipe.yaml'}: targets.sets: name ")
+    assert "must be 1-64 letters, digits" in message and "rename it" in message
+    data = copy.deepcopy(VALID)
+    data["evaluate"]["texts"] = {name: "org/x"}
+    assert "evaluate.texts: name " in one_line_error(write(tmp_path, data))
+
+
+def test_language_names_are_restricted_and_plain_ones_work(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    data["model"] = {"tiny_moe": {"texts": {"../../x": "en.txt"}}}
+    assert "model.tiny_moe.texts: name '../../x' must be" in one_line_error(write(tmp_path, data))
+    data = copy.deepcopy(VALID)
+    for name in ("zh-Hans", "en_US", "c++", "v1.2", "X" * 64):
+        data["targets"]["sets"][name] = {"path": "org/x"}
+    data["model"] = {"tiny_moe": {"texts": {"zh-Hans": "en.txt"}}}
+    data["estimator"]["budget"] = 4
+    recipe = load_recipe(write(tmp_path, data))
+    assert "zh-Hans" in recipe.targets.sets and recipe.model.tiny_moe is not None
+
+
+@pytest.mark.parametrize("repo_id", ["../..", "me/a--b", "me/a..b", "-me/x", "me/x.git", "me/"])
+def test_repo_id_is_a_hub_repo_id(tmp_path: Path, repo_id: str) -> None:
+    data = copy.deepcopy(VALID)
+    data["export"]["repo_id"] = repo_id
+    message = one_line_error(write(tmp_path, data))
+    assert "export.repo_id: must look like 'namespace/name'" in message and repo_id in message
+
+
+def test_export_timeout_and_retries(tmp_path: Path) -> None:
+    export = load_recipe(write(tmp_path, VALID)).export
+    assert (export.timeout, export.retries) == (60.0, 2)
+    export = load_recipe(write(tmp_path, VALID), ["export.timeout=5", "export.retries=0"]).export
+    assert (export.timeout, export.retries) == (5.0, 0)
+    for override, expected in [
+        ("export.timeout=0", "export.timeout: must be greater than 0"),
+        ("export.timeout=soon", "export.timeout: must be a valid number"),
+        ("export.retries=11", "export.retries: must be less than or equal to 10"),
+        ("export.retries=-1", "export.retries: must be greater than or equal to 0"),
+        ("export.retries=1.5", "export.retries: must be a valid integer"),
+        ("export.retries=true", "export.retries: must be a valid integer"),
+    ]:
+        assert expected in one_line_error(write(tmp_path, VALID), [override]), override
+
+
+def test_trust_remote_code_is_a_strict_bool(tmp_path: Path) -> None:
+    assert load_recipe(write(tmp_path, VALID)).model.trust_remote_code is False
+    recipe = load_recipe(write(tmp_path, VALID), ["model.trust_remote_code=true"])
+    assert recipe.model.trust_remote_code is True
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+    message = one_line_error(write(tmp_path, VALID), ["model.trust_remote_code=yes please"])
+    assert "model.trust_remote_code: must be a valid boolean" in message
