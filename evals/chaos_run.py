@@ -3,8 +3,9 @@
 Builds a small tiny Mixtral (2 layers x 4 experts, trained 60 steps on the bundled en/ru/zh
 text, cached), runs one recipe uninterrupted (the reference: analysis with a checkpoint written
 after every batch, plan, edit, evaluation, export, report), then for each trial starts the same
-run in a fresh directory, sends SIGKILL at a moment drawn uniformly from the reference's wall
-time, checks the directory as the kill left it, reruns the command to completion and checks:
+run in a fresh directory, sends SIGKILL at a moment drawn uniformly from the reference's working
+time (from the moment the run directory appears — after the imports and the model load — to the
+end), checks the directory as the kill left it, reruns the command to completion and checks:
 
 - right after the kill: `model/` exists whenever `eval.json` does (the model is written first);
 - after the rerun: exit 0, no hidden temporary file or folder and no lock file left, and
@@ -71,6 +72,8 @@ def trial(recipe_path: Path, out: Path, at: float, reference: dict[str, str]) ->
     """One kill at `at` seconds, the checks on what it left, the rerun and its checks."""
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     run = subprocess.Popen(command(recipe_path, out), **quiet)  # type: ignore[call-overload]
+    while not out.exists() and run.poll() is None:
+        time.sleep(0.005)
     time.sleep(at)
     finished = run.poll() is not None
     run.kill()
@@ -81,7 +84,7 @@ def trial(recipe_path: Path, out: Path, at: float, reference: dict[str, str]) ->
     stray = [p.name for p in stale_paths(out)] + ([LOCK] if (out / LOCK).exists() else [])
     same = rerun.returncode == 0 and digest(out) == reference
     return {
-        "kill_at_s": round(at, 2),
+        "kill_at_s": round(at, 2),  # after the run directory appeared
         "finished_before_kill": finished,
         "left_by_kill": left,
         "model_whenever_eval": model_with_eval,
@@ -107,11 +110,15 @@ def main() -> None:
         root = Path(tmp)
         recipe_path = root / "recipe.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe(model)), encoding="utf-8")
+        reference_run = subprocess.Popen(command(recipe_path, root / "reference"))
+        while not (root / "reference").exists() and reference_run.poll() is None:
+            time.sleep(0.005)
         start = time.perf_counter()
-        subprocess.run(command(recipe_path, root / "reference"), check=True, capture_output=True)
+        if reference_run.wait() != 0:
+            sys.exit("the reference run failed")
         wall = time.perf_counter() - start
         reference = digest(root / "reference")
-        print(f"reference run: {wall:.1f} s; {trials} kills at uniform moments in [0, wall]")
+        print(f"reference run: {wall:.1f} s from its directory's creation; {trials} kills in it")
         results = []
         for i in range(trials):
             out = root / f"trial{i}"

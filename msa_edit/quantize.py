@@ -230,7 +230,7 @@ def _import_bnb() -> Any:
     except ImportError as exc:
         raise MsaEditError(
             "bitsandbytes is not installed, so 4/8-bit loading is unavailable; "
-            "pip install msa-edit[quant]"
+            "pip install -e '.[quant]' in a clone (or pip install bitsandbytes)"
         ) from exc
     return bitsandbytes
 

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,9 +39,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from msa_edit.errors import MsaEditError
+from msa_edit.progress import Progress, format_duration, note
 
 FORMAT = "msa_edit.tiny_moe"
 FORMAT_VERSION = 1
@@ -474,23 +475,22 @@ def _train(model: Any, streams: Sequence[torch.Tensor], config: TinyMoeConfig) -
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(config.steps), desc="tiny-moe", unit="step", disable=None)
-    for step in bar:
-        batch = _sample_batch(streams, step, config, gen)
-        out = model(input_ids=batch, output_router_logits=True)
-        lm_loss = F.cross_entropy(
-            out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1)
-        )
-        loss = lm_loss + config.aux_loss_coef * out.aux_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(lm_loss.detach()))
-        if step % 10 == 0 or step == config.steps - 1:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
+    with Progress(config.steps, "tiny-moe training", "step") as bar:
+        for step in range(config.steps):
+            batch = _sample_batch(streams, step, config, gen)
+            out = model(input_ids=batch, output_router_logits=True)
+            lm_loss = F.cross_entropy(
+                out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1)
+            )
+            loss = lm_loss + config.aux_loss_coef * out.aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(float(lm_loss.detach()))
+            bar.set_postfix(loss=losses[-1])
+            bar.update()
     model.eval()
     return losses
 
@@ -609,7 +609,9 @@ def build_tiny_moe(
     `steps` and `seed` override `config`'s. With `out`, the model is written there (an `out`
     that already holds this exact build is returned as is; another tiny-moe build there is
     replaced; anything else is refused). Without `out`, it lives in the cache, keyed by the
-    files' contents, config and format version, and is trained only once.
+    files' contents, config and format version, and is trained only once. Training shows its
+    progress (`msa_edit.progress`: a bar on a terminal, timestamped lines otherwise) and ends
+    with one line on stderr naming the folder, the train loss and the held-out NLL.
 
     >>> import pathlib, shutil, tempfile
     >>> d = pathlib.Path(tempfile.mkdtemp())
@@ -622,28 +624,51 @@ def build_tiny_moe(
      'tiny_moe.json', 'tokenizer.json', 'tokenizer_config.json']
     >>> shutil.rmtree(d)
     """
+    start = time.monotonic()
     config, paths, shas = _resolve(texts, steps, seed, config or TinyMoeConfig())
     key = build_key(shas, config)
+    where = "saved to" if out is not None else "cached in"
     out = Path(out) if out is not None else cache_dir() / "tiny-moe" / key[:24]
     _check_out(out)
     meta = read_meta(out)
     if meta is not None and meta.get("key") == key:
+        note(f"tiny-moe: reusing the model {where} {out}; {_summary(meta)}")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        _build_into(tmp, paths, shas, config, key)
+        meta = _build_into(tmp, paths, shas, config, key)
         _publish(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+    took = format_duration(time.monotonic() - start)
+    note(f"tiny-moe: trained in {took}, {where} {out}; {_summary(meta)}")
     return out
+
+
+def _summary(meta: Mapping[str, Any]) -> str:
+    """How well a build trained, from its `tiny_moe.json`: steps, train loss, held-out NLL.
+
+    >>> _summary({"steps": 3, "first_train_loss": 6.0, "final_train_loss": 5.1234,
+    ...           "heldout_nll": {"de": 5.5, "en": 5.25}})
+    'steps 3, train loss 6.000 -> 5.123, held-out NLL de 5.500 en 5.250'
+    """
+    parts = [f"steps {meta.get('steps')}"]
+    first, final = meta.get("first_train_loss"), meta.get("final_train_loss")
+    if isinstance(first, float) and isinstance(final, float):
+        parts.append(f"train loss {first:.3f} -> {final:.3f}")
+    nll = meta.get("heldout_nll")
+    if isinstance(nll, dict) and nll:
+        parts.append("held-out NLL " + " ".join(f"{k} {v:.3f}" for k, v in nll.items()))
+    return ", ".join(parts)
 
 
 def _build_into(
     tmp: Path, paths: Mapping[str, Path], shas: Mapping[str, str], config: TinyMoeConfig, key: str
-) -> None:
-    """Read, tokenize, train, evaluate and save everything into the directory `tmp`."""
+) -> dict[str, Any]:
+    """Read, tokenize, train, evaluate and save everything into the directory `tmp`; returns
+    the `tiny_moe.json` written."""
     splits = {
         lang: split_heldout(read_lines(p), config.heldout_fraction) for lang, p in paths.items()
     }
@@ -698,6 +723,7 @@ def _build_into(
         "routing_heldout": routing.tolist(),
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
 
 
 def _curve(losses: Sequence[float], points: int = 20) -> list[list[float]]:

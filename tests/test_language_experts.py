@@ -1,4 +1,4 @@
-"""On a tiny MoE trained on the shared UD text, Shapley modes find each language's own expert.
+"""On a tiny MoE trained on the bundled UD text, Shapley modes find each language's own expert.
 
 Trains (once; cached) a 2-layer, 4-expert Mixtral on English, Russian and Chinese for 600 steps
 (~25 s on 2 cores), computes exact per-language Shapley modes over its 8 experts under `reroute`
@@ -10,10 +10,10 @@ languages is `evals/language_experts.py`.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import UD_TEXT
 
 from msa_edit.edit import remove_experts
 from msa_edit.evaluate.plots import expert_heatmaps
@@ -24,13 +24,11 @@ from msa_edit.shapley import estimate
 from msa_edit.tiny_moe import HELDOUT_DIR, TinyMoeConfig, build_tiny_moe, load_tiny_moe
 from msa_edit.units import select
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-text"
+DATA = UD_TEXT  # the bundled copy of ../shared/data/ud-text: the test runs in every checkout
 LANGS = ("en", "ru", "zh")
 CONFIG = TinyMoeConfig(
     layers=2, experts=4, hidden=64, intermediate=96, heads=2, vocab=1000, seq_len=32, batch_size=16
 )
-
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/ud-text")
 
 
 def nll(model, targets: Targets) -> torch.Tensor:

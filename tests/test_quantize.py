@@ -228,7 +228,7 @@ def test_bad_bits(bits: object, saved: Path) -> None:
 
 def test_missing_bitsandbytes(monkeypatch: pytest.MonkeyPatch, saved: Path) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(MsaEditError, match=r"pip install msa-edit\[quant\]"):
+    with pytest.raises(MsaEditError, match=r"pip install -e '\.\[quant\]'"):
         load_quantized(saved, bits=4)
 
 

@@ -4,7 +4,7 @@
 lm-eval's `HFLM` and runs `simple_evaluate` on it: nothing is reloaded from disk or copied. Task
 names are checked before the first forward pass; tasks of your own are YAML files in a folder given
 as `include_path` (the folder lm-eval's `--include_path` takes). lm-eval is an optional dependency:
-`pip install msa-edit[lm-eval]`.
+`pip install -e '.[lm-eval]' in a clone (or pip install lm-eval)`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ from msa_edit.errors import MsaEditError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "lm-eval tasks need lm-evaluation-harness; pip install msa-edit[lm-eval]"
+INSTALL_HINT = (
+    "lm-eval tasks need lm-evaluation-harness; pip install -e '.[lm-eval]' in a clone "
+    "(or pip install lm-eval)"
+)
 
 
 def lm_eval_scores(
@@ -103,7 +106,26 @@ def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None) ->
     except ImportError as err:
         raise MsaEditError(INSTALL_HINT) from err
     with _level("lm_eval", logging.WARNING):
-        _task_manager(list(tasks), include_path)
+        manager = _task_manager(list(tasks), include_path)
+        check_task_data(list(tasks), manager)
+
+
+def check_task_data(tasks: Sequence[str], manager: Any) -> None:
+    """Raise a one-line `MsaEditError` unless every task's dataset loads now (so an offline or
+    misnamed dataset fails before hours of analysis, not at the "before" evaluation)."""
+    from lm_eval.tasks import get_task_dict
+
+    with _level("datasets", logging.ERROR):
+        for name in tasks:
+            try:
+                get_task_dict([name], manager)
+            except Exception as exc:  # lm-eval and datasets raise many types: one line for all
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise MsaEditError(
+                    f"lm-eval task {name!r}: its data cannot be loaded ({type(exc).__name__}: "
+                    f"{reason}); check the dataset path, the network or the datasets cache "
+                    "(HF_DATASETS_OFFLINE), or drop the task from evaluate.lm_eval_tasks"
+                ) from None
 
 
 def _flat_metrics(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

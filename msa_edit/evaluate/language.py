@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from msa_edit.atomic import read_json, write_json
 from msa_edit.errors import MsaEditError
 from msa_edit.games import text_blocks, token_nll
+from msa_edit.progress import Progress
 
 NLL_METRIC = Path(__file__).parent / "metrics" / "nll.py"
 
@@ -47,8 +48,15 @@ def _eval_mode(model: PreTrainedModel) -> Iterator[None]:
         model.train(was_training)
 
 
-def block_nll(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Per-block next-token NLL sums `[n_blocks]` (float64) of token blocks `[n_blocks, T]`."""
+def block_nll(
+    model: PreTrainedModel,
+    blocks: torch.Tensor,
+    batch_size: int = 8,
+    *,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Per-block next-token NLL sums `[n_blocks]` (float64) of token blocks `[n_blocks, T]`;
+    `progress` (if given) counts the blocks done."""
     device = next(model.parameters()).device
     sums = []
     with _eval_mode(model):
@@ -56,6 +64,8 @@ def block_nll(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int = 8)
             ids = blocks[start : start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             sums.append(token_nll(logits, ids).double().sum(1).cpu())
+            if progress is not None:
+                progress.update(ids.shape[0])
     return torch.cat(sums)
 
 
@@ -67,12 +77,15 @@ def language_nll(
     n_seq: int = 8,
     seq_len: int = 64,
     batch_size: int = 8,
+    progress: bool | None = None,
 ) -> dict[str, float]:
     """Mean next-token NLL and perplexity per language on held-out text.
 
     `texts` maps a language code to a local text file (or data set, see `games.text_blocks`); each
     gives `n_seq` blocks of `seq_len` tokens. Every file is read before the first forward pass, so a
     bad path fails fast. Returns `{"nll/ru": ..., "ppl/ru": ..., ...}` for every language.
+    `progress` counts blocks done (`msa_edit.progress`; False: silent, None: a bar on a terminal,
+    timestamped lines on stderr otherwise) and shows each finished language's NLL.
 
     >>> # language_nll(model, tokenizer, {"ru": "heldout/ru.txt", "en": "heldout/en.txt"})
     >>> # {'nll/ru': 3.12, 'ppl/ru': 22.6, 'nll/en': 2.71, 'ppl/en': 15.0}
@@ -81,11 +94,16 @@ def language_nll(
         raise MsaEditError("no held-out texts given; pass at least one LANG=FILE")
     blocks = {lang: text_blocks(tokenizer, path, n_seq, seq_len) for lang, path in texts.items()}
     out: dict[str, float] = {}
-    for lang, ids in blocks.items():
-        sums = block_nll(model, ids, batch_size)
-        scores = nll_metric().compute(nll_sum=sums.tolist(), n_tokens=[seq_len - 1] * len(sums))
-        out[f"nll/{lang}"] = float(scores["nll"])
-        out[f"ppl/{lang}"] = float(scores["perplexity"])
+    total = sum(ids.shape[0] for ids in blocks.values())
+    with Progress(total, "language NLL", "block", enabled=progress) as bar:
+        for lang, ids in blocks.items():
+            sums = block_nll(model, ids, batch_size, progress=bar)
+            n_tokens = [seq_len - 1] * len(sums)
+            scores = nll_metric().compute(nll_sum=sums.tolist(), n_tokens=n_tokens)
+            out[f"nll/{lang}"] = float(scores["nll"])
+            out[f"ppl/{lang}"] = float(scores["perplexity"])
+            done = [f"{k[4:]} {v:.3f}" for k, v in out.items() if k.startswith("nll/")]
+            bar.set_postfix(nll=" ".join(done))
     return out
 
 

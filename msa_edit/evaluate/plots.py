@@ -9,11 +9,13 @@ text (`$` is not mathtext), so no value or name in a run file makes a plot raise
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -129,19 +131,158 @@ def expert_grid(values: torch.Tensor, units: Sequence[Unit]) -> torch.Tensor:
     return unit_grid(values, units, "experts")
 
 
-def _mark(ax: Any, cells: Sequence[tuple[int, int]], width: int) -> None:
-    """Outline chosen cells (row = layer, column = index): boxes on small grids, x on large."""
+MAX_ASPECT = 2.5
+"""Heat-maps are at most this many times wider than tall (or taller than wide)."""
+MAX_FIG_IN = 11.0
+"""Heat-maps are at most this many inches wide or tall (about 1300 px at 120 dpi)."""
+_LIST_MAX_UNITS = 128
+"""Up to this many units, a flat layers x index grid becomes a units x targets list instead."""
+
+
+@dataclass(frozen=True)
+class HeatmapLayout:
+    """How `unit_heatmaps` arranges a kind's values, chosen by `heatmap_layout`.
+
+    `mode` "grid": one layers x index panel per target, `panels = (rows, cols)` of subplots,
+    each layer's index axis folded into `fold` rows of `chunk` columns. `mode` "list": one
+    image of units (rows, in order) x targets (columns), wrapped into `fold` side-by-side blocks
+    of `chunk` rows. `figsize` is in inches; its aspect lies within [1/MAX_ASPECT, MAX_ASPECT].
+    """
+
+    mode: Literal["grid", "list"]
+    panels: tuple[int, int]
+    fold: int
+    chunk: int
+    figsize: tuple[float, float]
+
+    @property
+    def aspect(self) -> float:
+        return self.figsize[0] / self.figsize[1]
+
+
+def _figsize(data_w: int, data_h: int, panels: tuple[int, int]) -> tuple[float, float]:
+    """Inches for `data_w` x `data_h` cells in `panels` subplots, before the aspect cap."""
+    rows, cols = panels
+    extra_w, extra_h = 2.2 + 0.5 * (cols - 1), 0.9 + 0.75 * rows
+    cell = min((MAX_FIG_IN - extra_w) / data_w, (MAX_FIG_IN - extra_h) / data_h, 0.45)
+    cell = max(cell, 0.1)
+    return data_w * cell + extra_w, data_h * cell + extra_h
+
+
+def _capped(size: tuple[float, float]) -> tuple[float, float]:
+    """`size` with the short side lengthened until the aspect is within MAX_ASPECT, and
+    both sides then scaled down to MAX_FIG_IN."""
+    w, h = size
+    w, h = max(w, h / MAX_ASPECT), max(h, w / MAX_ASPECT)
+    scale = min(1.0, MAX_FIG_IN / max(w, h))
+    return round(w * scale, 2), round(h * scale, 2)
+
+
+def _chunks(n: int) -> list[int]:
+    """Row lengths to fold `n` cells into: `n` itself, then the shortest multiple of 4 (of 8
+    past 64) giving each number of rows, down to rows of about 4.
+
+    >>> _chunks(64)[:5]
+    [64, 32, 24, 16, 12]
+    """
+    step = 8 if n > 64 else 4
+    out = [n]
+    for rows in range(2, max(2, n // 4) + 1):
+        chunk = step * math.ceil(math.ceil(n / rows) / step)
+        if chunk < out[-1]:
+            out.append(chunk)
+    return out
+
+
+def heatmap_layout(n_layers: int, width: int, n_targets: int, n_units: int) -> HeatmapLayout:
+    """The arrangement of a `n_layers` x `width` grid per target (`n_units` units present)
+    whose figure is closest to 3:2 without passing MAX_ASPECT: panels side by side or wrapped
+    into rows, a long index axis folded, or (few units) a units x targets list in blocks.
+
+    >>> heatmap_layout(2, 4, 3, 8).mode, heatmap_layout(1, 64, 3, 64).mode
+    ('grid', 'list')
+    >>> layout = heatmap_layout(1, 64, 3, 64)
+    >>> layout.fold, layout.chunk, 1 / MAX_ASPECT <= layout.aspect <= MAX_ASPECT
+    (4, 16, True)
+    """
+    candidates: list[HeatmapLayout] = []
+    for chunk in _chunks(width):
+        fold = -(-width // chunk)
+        for cols in range(1, n_targets + 1):
+            rows = -(-n_targets // cols)
+            if rows > 1 and -(-n_targets // rows) != cols:
+                continue
+            size = _figsize(cols * chunk, rows * n_layers * fold, (rows, cols))
+            candidates.append(HeatmapLayout("grid", (rows, cols), fold, chunk, size))
+    if n_units <= _LIST_MAX_UNITS:
+        for chunk in _chunks(n_units):
+            blocks = -(-n_units // chunk)
+            size = _figsize(blocks * n_targets, chunk, (1, blocks))
+            candidates.append(HeatmapLayout("list", (1, blocks), blocks, chunk, size))
+
+    def badness(layout: HeatmapLayout) -> tuple[bool, int, int, float]:
+        w, h = _capped(layout.figsize)
+        hard = abs(math.log(layout.aspect / 1.5)) > math.log(1.4 * MAX_ASPECT / 1.5)
+        # an unfolded grid keeps the layer structure best, then a list, then a folded grid;
+        # a single layer has no structure to keep: a list shows it best
+        if layout.mode == "list":
+            penalty = 0 if n_layers == 1 else 1
+        else:
+            penalty = 2 if layout.fold > 1 else 0 if n_layers > 1 else 1
+        empty = layout.panels[0] * layout.panels[1] - (n_targets if layout.mode == "grid" else 1)
+        return hard, penalty, empty, abs(math.log(w / h / 1.5))
+
+    best = min(candidates, key=badness)
+    return dataclasses.replace(best, figsize=_capped(best.figsize))
+
+
+def _mark(ax: Any, cells: Collection[tuple[int, int]], width: int) -> None:
+    """Outline chosen cells (row, column): boxes on small grids, x on large."""
     from matplotlib.patches import Rectangle
 
-    for layer, index in cells:
+    for row, col in sorted(cells):
         if width <= 64:
             ax.add_patch(
                 Rectangle(
-                    (index - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.6
+                    (col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.6
                 )
             )
         else:
-            ax.plot([index], [layer], marker="x", color="black", markersize=5)
+            ax.plot([col], [row], marker="x", color="black", markersize=5)
+
+
+def _ticks(axis: Any, labels: Sequence[str]) -> None:
+    """Label integer positions 0..n-1 of `axis` with `labels`: every one up to 40, else a few."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator
+
+    n = len(labels)
+    if n <= 40:
+        axis.set_major_locator(FixedLocator(list(range(n))))
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=12, integer=True))
+    axis.set_major_formatter(
+        FuncFormatter(lambda v, _: labels[int(v)] if v == int(v) and 0 <= v < n else "")
+    )
+
+
+def _grid_panels(
+    grid: torch.Tensor, layout: HeatmapLayout, cells: Collection[tuple[int, int]]
+) -> tuple[list[torch.Tensor], list[str], list[str], set[tuple[int, int]]]:
+    """Each target's `[layers, width]` grid folded into `[layers * fold, chunk]` images, with
+    their row and column labels and the marked cells' new positions."""
+    _, n_layers, width = grid.shape
+    fold, chunk = layout.fold, layout.chunk
+    padded = torch.full((grid.shape[0], n_layers, fold * chunk), math.nan, dtype=grid.dtype)
+    padded[:, :, :width] = grid
+    images = list(padded.reshape(grid.shape[0], n_layers * fold, chunk))
+    if fold == 1:
+        rows = [str(layer) for layer in range(n_layers)]
+        cols = [str(i) for i in range(chunk)]
+    else:
+        rows = [f"{layer}: {k * chunk}" for layer in range(n_layers) for k in range(fold)]
+        cols = [f"+{i}" for i in range(chunk)]
+    marked = {(layer * fold + index // chunk, index % chunk) for layer, index in cells}
+    return images, rows, cols, marked
 
 
 def unit_heatmaps(
@@ -155,10 +296,13 @@ def unit_heatmaps(
     label: str = "contribution",
     marked: Collection[Unit] = (),
 ) -> Path:
-    """One layers x index heat-map per target, side by side, for one unit kind, as a PNG.
+    """Heat-maps of one unit kind's values per target, as a PNG laid out by `heatmap_layout`.
 
-    Colours share one symmetric diverging scale across targets so the maps compare directly
-    (blue = negative, red = positive, grey = no such unit); `marked` units get a black box.
+    Usually one layers x index panel per target (a long index axis folded into several rows,
+    labelled `layer: first index`); a single layer or a few units become one units x targets
+    image in side-by-side blocks. Colours share one symmetric diverging scale across targets so
+    the maps compare directly (blue = negative, red = positive, grey = no such unit); `marked`
+    units get a black box (an x on wide maps). The figure's aspect stays within MAX_ASPECT.
     """
     plt = _pyplot()
     grid = unit_grid(values, units, kind)
@@ -167,42 +311,72 @@ def unit_heatmaps(
         raise MsaEditError(f"{grid.shape[0]} targets in the values but {len(target_names)} names")
     finite = grid[torch.isfinite(grid)]
     limit = (float(finite.abs().max()) if finite.numel() else 0.0) or 1.0
-    n_layers, width = grid.shape[1], grid.shape[2]
-    cells = sorted((u.layer, max(u.index, 0)) for u in set(marked) if u.kind == kind)
+    n_targets, n_layers, width = grid.shape
+    present = sorted({(u.layer, max(u.index, 0)) for u in units if u.kind == kind})
+    cells = {(u.layer, max(u.index, 0)) for u in set(marked) if u.kind == kind}
+    layout = heatmap_layout(n_layers, width, n_targets, len(present))
+    axis = AXIS_LABEL[kind]
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
-    cols = len(target_names)
-    panel_w = min(max(0.28 * width + 0.8, 1.4), 4.5)
     fig, axes = plt.subplots(
-        1,
-        cols,
-        figsize=(panel_w * cols + 1.4, min(0.4 * n_layers + 1.6, 9)),
-        squeeze=False,
-        constrained_layout=True,
+        *layout.panels, figsize=layout.figsize, squeeze=False, constrained_layout=True
     )
+    flat = list(axes.flat)
+    if layout.mode == "grid":
+        images, row_labels, col_labels, spots = _grid_panels(grid, layout, cells)
+        titles = [_text(name) for name in target_names]
+        xlabel = axis if layout.fold == 1 else f"{axis} (row start +)"
+        ylabel = "layer" if layout.fold == 1 else f"layer: first {axis}"
+        col_sets = [col_labels] * n_targets
+        row_sets = [row_labels] * n_targets
+        spot_sets = [spots] * n_targets
+    else:  # units (rows) x targets (columns), wrapped into blocks of `chunk` units
+        table = torch.stack([grid[:, layer, index] for layer, index in present])
+        names = [
+            str(layer) if kind == "layer" else str(index) if n_layers == 1 else f"{layer}: {index}"
+            for layer, index in present
+        ]
+        blocks = range(0, len(present), layout.chunk)
+        images = [table[b : b + layout.chunk] for b in blocks]
+        row_sets = [names[b : b + layout.chunk] for b in blocks]
+        col_sets = [[_text(t) for t in target_names]] * len(images)
+        spot_sets = [
+            {(r, t) for r, cell in enumerate(present[b : b + layout.chunk]) if cell in cells
+             for t in range(n_targets)}
+            for b in blocks
+        ]  # fmt: skip
+        titles = [""] * len(images)
+        xlabel = "target"
+        ylabel = axis if kind == "layer" or n_layers == 1 else f"layer: {axis}"
+        if kind == "layer":
+            ylabel = "layer"
     image = None
-    for t, ax in enumerate(axes[0]):
+    for i, ax in enumerate(flat):
+        if i >= len(images):
+            ax.set_axis_off()
+            continue
         image = ax.imshow(
-            grid[t].numpy(),
+            images[i].numpy(),
             cmap=cmap,
             vmin=-limit,
             vmax=limit,
             aspect="auto",
             interpolation="nearest",
         )
-        _mark(ax, cells, width)
-        ax.set_title(_text(target_names[t]))
-        ax.set_xlabel(AXIS_LABEL[kind])
-        if width == 1:
+        _mark(ax, spot_sets[i], images[i].shape[1])
+        ax.set_title(titles[i])
+        if kind == "layer" and layout.mode == "grid":
             ax.set_xticks([])
-        elif width <= 32:
-            ax.set_xticks(range(width))
-        if n_layers <= 32:
-            ax.set_yticks(range(n_layers))
-        if t == 0:
-            ax.set_ylabel("layer")
+        else:
+            _ticks(ax.xaxis, col_sets[i])
+            if layout.mode == "list" and max(len(c) for c in col_sets[i]) > 2:
+                ax.tick_params(axis="x", labelrotation=45)
+        _ticks(ax.yaxis, row_sets[i])
+        ax.set_xlabel(xlabel if layout.mode == "grid" or n_targets > 1 else "")
+        if i % layout.panels[1] == 0:
+            ax.set_ylabel(ylabel)
     assert image is not None
-    fig.colorbar(image, ax=axes[0].tolist(), label=_text(label), shrink=0.9)
-    fig.suptitle(_text(title or f"Shapley value of each {AXIS_LABEL[kind] or 'layer'}"))
+    fig.colorbar(image, ax=flat, label=_text(label), shrink=0.9)
+    fig.suptitle(_text(title or f"Shapley value of each {axis or 'layer'}"))
     return save_figure(fig, path)
 
 
@@ -268,7 +442,10 @@ def ranking_plot(
                 Patch(color="tab:red", label="chosen by the plan"),
                 Patch(color="tab:grey", label="not chosen"),
             ],
-            loc="lower right",
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+            fontsize="small",
         )
     return save_figure(fig, path)
 
@@ -299,51 +476,96 @@ def candidates_plot(
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel(_text(xlabel))
     ax.set_title(_text(title))
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return save_figure(fig, path)
 
 
-def before_after_plot(
-    panels: Sequence[tuple[str, Sequence[str], bool]],
-    before: Mapping[str, float | None],
-    after: Mapping[str, float | None],
-    path: str | os.PathLike[str],
-) -> Path:
-    """Grouped before/after bars per metric, one panel per `(title, metrics, log_scale)`.
+def delta_bars(
+    metrics: Sequence[str], deltas: Mapping[str, float | None]
+) -> list[tuple[str, float, str]]:
+    """(metric, bar height, colour) per metric as `delta_plot` draws them: the height is the
+    change (NaN, no bar, when missing or non-finite), red when it rose, blue when it fell.
 
-    A metric missing, None or non-finite on one side gets no bar on that side, nor does a
-    non-positive value on a log panel; a log panel with no positive value is drawn linear.
+    >>> delta_bars(["nll/en", "nll/ru", "acc"], {"nll/en": 0.02, "nll/ru": -0.01})
+    [('nll/en', 0.02, 'tab:red'), ('nll/ru', -0.01, 'tab:blue'), ('acc', nan, 'tab:grey')]
+    """
+    out = []
+    for m in metrics:
+        d = _bar_height(deltas.get(m), False)
+        colour = "tab:grey" if not math.isfinite(d) else "tab:red" if d > 0 else "tab:blue"
+        out.append((m, d, colour))
+    return out
+
+
+def delta_plot(
+    panels: Sequence[tuple[str, Sequence[str]]],
+    deltas: Mapping[str, float | None],
+    path: str | os.PathLike[str],
+    *,
+    highlight: Collection[str] = (),
+) -> Path:
+    """One panel of change bars (after - before, signed) per `(title, metrics)`, as a PNG.
+
+    Bars are red where the metric rose and blue where it fell, labelled with the signed change;
+    the axis spans the changes (and 0), so 0.01 and 0.04 look different. `highlight`ed metrics
+    (the plan's target) get a black outline and bold names. A missing or non-finite change gets
+    no bar and "n/a".
     """
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    widest = max((len(m) for _, m in panels), default=1)
     fig, axes = plt.subplots(
         1,
-        len(panels),
+        max(len(panels), 1),
         squeeze=False,
         constrained_layout=True,
-        figsize=(max(3.0, 0.9 * max(len(m) for _, m, _ in panels) + 1.5) * len(panels), 3.8),
+        figsize=(min(max(3.2, 0.8 * widest + 1.6) * len(panels), 12.0), 4.2),
     )
-    for ax, (name, metrics, log) in zip(axes[0], panels, strict=True):
-        xs = range(len(metrics))
-        values = [side.get(m) for side in (before, after) for m in metrics]
-        linear = log and not any(math.isfinite(_bar_height(v, True)) for v in values)
-        log = log and not linear
-        for side, by_metric, shift, colour in (
-            ("before", before, -0.2, "tab:blue"),
-            ("after", after, 0.2, "tab:orange"),
-        ):
-            heights = [_bar_height(by_metric.get(m), log) for m in metrics]
-            bars = ax.bar([x + shift for x in xs], heights, width=0.4, label=side, color=colour)
-            labels = [f"{h:.4g}" if math.isfinite(h) else "" for h in heights]
-            ax.bar_label(bars, labels=labels, fontsize=7)
-        ax.set_xticks(list(xs), [_text(m) for m in metrics], rotation=30, ha="right")
-        ax.set_xlim(-0.8, len(metrics) - 0.2)
-        ax.margins(y=0.12)
-        if log:
-            ax.set_yscale("log")
-            _plain_log_ticks(ax.yaxis)
-        ax.set_title(_text(name) + ("\n(linear: no positive values)" if linear else ""))
-    axes[0][0].legend(fontsize="small", loc="lower left")
+    for ax, (name, metrics) in zip(axes[0], panels, strict=True):
+        bars = delta_bars(metrics, deltas)
+        xs = list(range(len(bars)))
+        heights = [h for _, h, _ in bars]
+        drawn = ax.bar(
+            xs,
+            heights,
+            width=0.6,
+            color=[c for *_, c in bars],
+            edgecolor=["black" if m in highlight else "none" for m, _, _ in bars],
+            linewidth=1.8,
+        )
+        labels = [f"{h:+.4g}" if math.isfinite(h) else "n/a" for h in heights]
+        ax.bar_label(drawn, labels=labels, fontsize=8, padding=2)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(xs, [_text(m) for m in metrics], rotation=30, ha="right")
+        for tick, metric in zip(ax.get_xticklabels(), metrics, strict=True):
+            if metric in highlight:
+                tick.set_fontweight("bold")
+        ax.set_xlim(-0.7, len(metrics) - 0.3)
+        finite = [h for h in heights if math.isfinite(h)]
+        lo, hi = min([0.0, *finite]), max([0.0, *finite])
+        pad = 0.18 * (hi - lo) or 1.0
+        ax.set_ylim(lo - (pad if lo < 0 else 0.05 * pad), hi + (pad if hi > 0 else 0.05 * pad))
+        ax.set_title(_text(name), fontsize="medium")
+    handles = [Patch(color="tab:red", label="rose"), Patch(color="tab:blue", label="fell")]
+    if highlight:
+        handles.append(Patch(facecolor="white", edgecolor="black", linewidth=1.8, label="target"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
+    fig.suptitle("Change after the edit (after - before)")
     return save_figure(fig, path)
+
+
+FEW_POINTS = 3
+"""A trace with fewer checkpoints than this shows no trend: markers with error bars, no lines."""
+
+
+def _count_ticks(axis: Any, ns: Sequence[int]) -> None:
+    """Ticks exactly at the evaluation counts when there are a few of them."""
+    from matplotlib.ticker import NullLocator
+
+    if 0 < len(set(ns)) <= 6:
+        axis.set_ticks(sorted(set(ns)), [str(n) for n in sorted(set(ns))])
+        axis.set_minor_locator(NullLocator())
 
 
 def convergence_plot(
@@ -356,43 +578,62 @@ def convergence_plot(
 ) -> Path:
     """Left: the largest finite stderr vs evaluations (log-log). Right: each curve's value
     vs evaluations with a ±1.96·stderr band (`curves[name] = (values, stderrs)` per point).
-    Points with a non-positive count or a non-finite value are left out.
+    Points with a non-positive count or a non-finite value are left out. With fewer than
+    FEW_POINTS checkpoints no line is drawn: markers, ±1.96·stderr error bars (side by side)
+    and a note that there are too few checkpoints for a trend.
     """
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.0), constrained_layout=True)
     keep = [i for i, n in enumerate(n_evaluations) if n > 0]
     ns = [n_evaluations[i] for i in keep]
+    few = len(ns) < FEW_POINTS
+    note = f"only {len(ns)} checkpoint{'s' * (len(ns) != 1)}: too few for a trend"
     shown = [(ns[j], max_stderr[i]) for j, i in enumerate(keep) if _finite(max_stderr[i])]
     shown = [(n, s) for n, s in shown if s > 0]
     if shown:
-        left.plot([n for n, _ in shown], [s for _, s in shown], marker="o")
+        left.plot(
+            [n for n, _ in shown], [s for _, s in shown], marker="o", linestyle="" if few else "-"
+        )
         left.set_xscale("log")
         left.set_yscale("log")
+        left.margins(x=0.15, y=0.15)
         _plain_log_ticks(left.xaxis)
         _plain_log_ticks(left.yaxis)
+        _count_ticks(left.xaxis, [n for n, _ in shown])
     else:
         left.text(0.5, 0.5, "no finite stderr yet", ha="center", transform=left.transAxes)
     left.set_xlabel("coalitions evaluated")
     left.set_ylabel("largest stderr")
-    left.set_title("Estimator stderr")
+    left.set_title("Estimator stderr" + (f"\n({note})" if few and shown else ""))
     drawn = False
-    for name, (all_values, all_errors) in curves.items():
+    for j, (name, (all_values, all_errors)) in enumerate(curves.items()):
         values = [all_values[i] if _finite(all_values[i]) else math.nan for i in keep]
         errors = [all_errors[i] for i in keep]
-        (line,) = right.plot(ns, values, marker=".", label=_text(name))
         drawn = drawn or any(math.isfinite(v) for v in values)
+        if few:  # no line between two points: each estimate with its interval, dodged apart
+            dodge = 1.04 ** (j - (len(curves) - 1) / 2)
+            yerr = [1.96 * e if _finite(e) else 0.0 for e in errors]
+            right.errorbar(
+                [n * dodge for n in ns], values, yerr=yerr, fmt="o", capsize=3, label=_text(name)
+            )
+            continue
+        (line,) = right.plot(ns, values, marker=".", label=_text(name))
         lo = [v - 1.96 * e if _finite(e) else math.nan for v, e in zip(values, errors, strict=True)]
         hi = [v + 1.96 * e if _finite(e) else math.nan for v, e in zip(values, errors, strict=True)]
         right.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.2)
     if drawn:
         right.set_xscale("log")
+        right.margins(x=0.15)
         _plain_log_ticks(right.xaxis)
+        _count_ticks(right.xaxis, ns)
     else:
         right.text(0.5, 0.5, "no finite values", ha="center", transform=right.transAxes)
     right.axhline(0.0, color="black", linewidth=0.8)
     right.set_xlabel("coalitions evaluated")
     right.set_ylabel(_text(f"Shapley value ({target})"))
-    right.set_title(_text(f"Top units for {target}"))
+    right.set_title(_text(f"Top units for {target}") + (f"\n({note})" if few and drawn else ""))
     if curves:
-        right.legend(fontsize="small")
+        right.legend(
+            fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0
+        )
     return save_figure(fig, path)

@@ -514,27 +514,31 @@ def _ranking(run_dir: Path, sh: _Shapley | None, plan: Mapping[str, Any] | None)
     return lines
 
 
-def _eval(run_dir: Path, ev: Mapping[str, Any]) -> list[str]:
+def _eval(run_dir: Path, ev: Mapping[str, Any], plan: Mapping[str, Any] | None) -> list[str]:
     rows = _eval_rows(ev)
     if not rows:
         return []
     titles = {
-        "nll": ("NLL (nats, lower is better)", False),
-        "ppl": ("Perplexity (log scale)", True),
-        "lm-eval": ("lm-eval", False),
+        "nll": "NLL (nats; + = worse)",
+        "ppl": "Perplexity (+ = worse)",
+        "lm-eval": "lm-eval (+ = better)",
     }
     panels = []
-    for group, (name, log) in titles.items():
+    for group, name in titles.items():
         metrics = [r[0] for r in rows if metric_group(r[0]) == group]
         if metrics:
-            panels.append((name, metrics, log))
-    plots.before_after_plot(
-        panels, _metrics(ev.get("before")), _metrics(ev.get("after")), run_dir / "before_after.png"
+            panels.append((name, metrics))
+    target = set(_str_list((plan or {}).get("target")))
+    highlight = {r[0] for r in rows if r[0].split("/", 1)[-1] in target}
+    plots.delta_plot(
+        panels, {n: d for n, _, _, d in rows}, run_dir / "before_after.png", highlight=highlight
     )
     caption = (
-        "Each metric before (blue) and after (orange) the edit; NLL and perplexity: lower is "
-        "better, lm-eval scores: higher is better; n/a values get no bar. The table below holds "
-        "the exact numbers."
+        "The change of each metric (after - before the edit, the table's delta column): red = "
+        "it rose, blue = it fell; for NLL and perplexity a rise is worse, for lm-eval scores "
+        "better"
+        + ("; outlined bars (bold names) are the plan's target" if highlight else "")
+        + ". n/a values get no bar. The table below holds the exact numbers before and after."
     )
     lines = [
         "## Before and after the edit",
@@ -624,6 +628,13 @@ def _convergence(run_dir: Path, sh: _Shapley, focus: str | None) -> list[str]:
         f"of the {len(curves)} units with the largest |value| for {md_text(sh.targets[t])}, with "
         "±1.96·stderr bands; flat lines inside narrow bands mean the estimate has settled."
     )
+    if len(points) < plots.FEW_POINTS:
+        caption = (
+            f"Only {len(points)} checkpoints were recorded (a small budget), too few to show a "
+            "trend: left, the largest finite standard error at each; right, the estimates of the "
+            f"{len(curves)} units with the largest |value| for {md_text(sh.targets[t])} at each, "
+            "with ±1.96·stderr error bars."
+        )
     return ["## Estimator convergence", "", *_figure("convergence.png", "convergence", caption)]
 
 
@@ -723,7 +734,7 @@ def write_report(run_dir: str | Path, *, title: str | None = None) -> Path:
         lines += _plan_summary(plan or {}, ev)
     lines += _candidates(run_dir, plan or {}, ev)
     lines += _ranking(run_dir, sh, plan)
-    lines += _eval(run_dir, ev) if ev is not None else []
+    lines += _eval(run_dir, ev, plan) if ev is not None else []
     lines += _edit(edit) if edit is not None else []
     if sh is not None:
         focus = _str_list((plan or {}).get("target"))

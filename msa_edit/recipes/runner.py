@@ -14,10 +14,13 @@ target data have all been checked, so a bad recipe leaves no trace in the run di
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,10 +33,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from msa_edit.atomic import atomic_path, read_json, write_json, write_text
 from msa_edit.edit import EditRecord, apply_plan
 from msa_edit.edit.experts import removal_layout
+from msa_edit.edit.tensorfile import read_header
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate.language import language_nll, read_eval_json, write_eval_json
 from msa_edit.export import CardInfo, export_checkpoint, export_model, push_to_hub, update_card
-from msa_edit.fingerprint import Fingerprint, file_digest, flatten, folder_digests
+from msa_edit.fingerprint import (
+    Fingerprint,
+    changes,
+    describe_changes,
+    file_digest,
+    flatten,
+    folder_digests,
+)
 from msa_edit.games import (
     LesionGame,
     MeanNLL,
@@ -45,9 +56,10 @@ from msa_edit.games import (
 )
 from msa_edit.lesions import lesioned, scaled, unit_means
 from msa_edit.plan import Plan, make_plan
-from msa_edit.quantize import load_quantized
+from msa_edit.progress import format_duration
+from msa_edit.quantize import checkpoint_shards, load_quantized
 from msa_edit.recipes.removal import check_feasible, choose_removals
-from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe
+from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe, load_recipe
 from msa_edit.routing import routing_stats
 from msa_edit.rundir import (
     CHECKPOINT,
@@ -64,7 +76,7 @@ from msa_edit.rundir import (
 from msa_edit.shapley import ShapleyResult, estimate
 from msa_edit.shapley.cache import checkpoint_size
 from msa_edit.shapley.checkpoint import read_checkpoint
-from msa_edit.shapley.estimate import check_request
+from msa_edit.shapley.estimate import check_request, default_budget
 from msa_edit.shapley.ray_backend import RayBackend
 from msa_edit.tiny_moe import HELDOUT_DIR, build_tiny_moe
 from msa_edit.units import Unit, discover, select
@@ -82,12 +94,14 @@ def say_line(message: str) -> None:
 
 @dataclass
 class Loaded:
-    """A loaded model with its tokenizer, the folder it came from and its base-model name."""
+    """A loaded model with its tokenizer, the folder it came from and its base-model name;
+    `in_memory` when the caller handed the model over (its weights may differ from `folder`)."""
 
     model: PreTrainedModel
     tokenizer: Any
     folder: str
     name: str
+    in_memory: bool = False
 
 
 def load_model(stage: ModelStage, *, quantized: bool = True, say: Say = say_line) -> Loaded:
@@ -98,6 +112,7 @@ def load_model(stage: ModelStage, *, quantized: bool = True, say: Say = say_line
     bits = f", {stage.bits}-bit" if stage.bits and quantized else ""
     say(f"model: {stage.name} ({stage.dtype}{bits})")
     folder = model_source(stage, say)
+    check_fits(stage, folder, stage.bits if quantized else None)
     return _load(folder, stage, stage.bits if quantized else None, name=stage.name)
 
 
@@ -137,6 +152,41 @@ def _load(folder: str, stage: ModelStage, bits: int | None, name: str) -> Loaded
         ) from None
     model.eval()
     return Loaded(model, tokenizer, folder, name)
+
+
+BYTES_PER_PARAMETER = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, 8: 1.0, 4: 0.6}
+"""Memory per parameter of a load (4-bit: half a byte plus the layers kept in 16 bits)."""
+
+
+def memory_bytes() -> tuple[int, str]:
+    """The memory a model load can use here and where: all GPUs' memory, or the machine's RAM."""
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        total = sum(torch.cuda.get_device_properties(i).total_memory for i in range(n))
+        return total, f"{n} GPU(s)"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "no GPU; CPU memory"
+
+
+def check_fits(stage: ModelStage, folder: str, bits: int | None) -> None:
+    """Refuse, before loading, a local checkpoint that cannot fit this machine's memory, in one
+    line with what it needs (Hub ids are not measured before they are downloaded)."""
+    local = Path(folder).expanduser()
+    if not local.is_dir():
+        return
+    try:
+        shards = checkpoint_shards(local)
+    except MsaEditError:
+        return  # not a safetensors checkpoint: the loader says what is wrong
+    params = sum(math.prod(t.shape) for f in shards for t in read_header(f).values())
+    need = params * BYTES_PER_PARAMETER[bits or stage.dtype]
+    have, where = memory_bytes()
+    if need > 0.9 * have:
+        load = f"{bits}-bit" if bits else stage.dtype
+        raise MsaEditError(
+            f"model {stage.name} needs ~{need / 2**30:.1f} GB ({params / 1e9:.2f} B parameters in "
+            f"{load}) but this machine has {where}: {have / 2**30:.1f} GB; run it on a machine "
+            "with more GPU memory, load it with model.bits: 4, or pick a smaller model"
+        )
 
 
 def check_device(device_map: str | None) -> None:
@@ -311,7 +361,9 @@ def game_fingerprint(
     the bits and the library versions. A checkpoint stores it and is refused when it differs."""
     fingerprint: Fingerprint = {}
     local = Path(loaded.folder).expanduser()
-    if local.is_dir():
+    if loaded.in_memory:
+        fingerprint["model.parameters"] = parameters_digest(loaded.model)
+    elif local.is_dir():
         fingerprint |= folder_digests(local, prefix="model/")
     else:
         fingerprint["model.hub"] = loaded.folder
@@ -330,6 +382,16 @@ def game_fingerprint(
     fingerprint["version.torch"] = torch.__version__
     fingerprint["version.transformers"] = transformers.__version__
     return fingerprint
+
+
+def parameters_digest(model: torch.nn.Module) -> str:
+    """`sha256:<hex>` of a model's parameter and buffer names, shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{h.hexdigest()}"
 
 
 def _checkpoint(recipe: Recipe, out: Path) -> Path:
@@ -544,9 +606,7 @@ def apply(
         # merges into and returns the same model object, edited in place
         heal_lora(model, targets.input_ids[rows], heal.steps, heal.lr, heal.r, heal.seed)
         healed = heal.model_dump() | {"rows": int(rows.sum())}
-    write_json(
-        out / EDIT_JSON, {"records": [json.loads(r.to_json()) for r in records], "healed": healed}
-    )
+    write_json(out / EDIT_JSON, _edit_json(records, recipe.lesion.kind, healed))
     return records
 
 
@@ -566,13 +626,13 @@ def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
             folder, chosen.unit_list, out / MODEL_DIR, card=_card(recipe, out, None),
             extra=recipe.edit.extra, overwrite=True,
         )  # fmt: skip
-        write_json(out / EDIT_JSON, {"records": [json.loads(record.to_json())], "healed": None})
-        _say_records([record], say)
+        write_json(out / EDIT_JSON, _edit_json([record], recipe.lesion.kind, None))
+        _say_records([record], say, recipe.lesion.kind)
         return path
     loaded = load_model(recipe.model, quantized=False, say=say)
     targets = load_targets(recipe, loaded.tokenizer) if recipe.edit.heal else None
     records = apply(recipe, out, loaded.model, targets)
-    _say_records(records, say)
+    _say_records(records, say, recipe.lesion.kind)
     return _export(recipe, out, loaded, metrics=None)
 
 
@@ -627,9 +687,35 @@ def _streamable(recipe: Recipe, chosen: Plan) -> bool:
     )
 
 
-def _say_records(records: list[EditRecord], say: Say) -> None:
+def _say_records(records: list[EditRecord], say: Say, lesion: str | None = None) -> None:
     for r in records:
         say(f"edit: {r.action} on {len(r.units)} units, {r.params_saved:,} parameters removed")
+        if lesion is not None and r.matches != lesion:
+            log.warning("edit differs from the analysis: %s", differs(r, lesion))
+            say(f"edit: WARNING: {differs(r, lesion)}")
+
+
+def differs(record: EditRecord, lesion: str) -> str | None:
+    """Why an edit's meaning differs from the lesion its units were analysed with (None if not).
+
+    >>> r = EditRecord("remove_experts", ("layers.0.experts.1",), "zero", 10, 10, ("non-uniform",))
+    >>> differs(r, "reroute")
+    "the model computes the 'zero' lesion, not the analysed 'reroute' (non-uniform)"
+    """
+    if record.matches == lesion:
+        return None
+    notes = f" ({'; '.join(record.notes)})" if record.notes else ""
+    return f"the model computes the {record.matches!r} lesion, not the analysed {lesion!r}{notes}"
+
+
+def _edit_json(records: list[EditRecord], lesion: str, healed: Any) -> dict[str, Any]:
+    """edit.json: each record, the lesion analysed, and where an edit's meaning differs."""
+    out = []
+    for r in records:
+        entry = json.loads(r.to_json())
+        entry["differs"] = differs(r, lesion)
+        out.append(entry)
+    return {"records": out, "analysed_lesion": lesion, "healed": healed}
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -678,6 +764,10 @@ def _load_edited(recipe: Recipe, out: Path, name: str) -> Loaded:
 @in_run_dir
 def evaluate(recipe: Recipe, out: Path, say: Say = say_line) -> dict[str, Any]:
     """Before (base model) and after (model/) metrics; writes eval.json."""
+    if recipe.evaluate.lm_eval_tasks:
+        from msa_edit.evaluate.harness import check_tasks
+
+        check_tasks(recipe.evaluate.lm_eval_tasks, recipe.evaluate.lm_eval_include)
     base = load_model(recipe.model, say=say)
     texts = eval_texts(recipe, base.folder)
     before = metrics(recipe, base, texts)
@@ -747,12 +837,28 @@ def _card(recipe: Recipe, out: Path, metrics: Mapping[str, Any] | None) -> CardI
     shapley = read_shapley(out) if (out / SHAPLEY_JSON).is_file() else None
     chosen = Plan.load(out / PLAN_JSON).to_json() if (out / PLAN_JSON).is_file() else None
     return CardInfo(
-        base_model=recipe.model.path,
-        recipe=recipe.model_dump(mode="json"),
-        plan=chosen,
-        shapley=shapley,
+        base_model=portable(recipe.model.path),
+        recipe=portable(recipe.model_dump(mode="json")),
+        plan=portable(chosen),
+        shapley=portable(shapley),
         metrics=metrics,
     )
+
+
+def portable(obj: Any) -> Any:
+    """Recipe data fit for a model card that may be pushed: local paths reduced to their last
+    component (Hub ids and other strings kept), so a card never carries this machine's layout.
+
+    >>> portable({"path": "/home/me/models/base", "hub": "org/model", "n": [1, "./t/en.txt"]})
+    {'path': 'base', 'hub': 'org/model', 'n': [1, 'en.txt']}
+    """
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str) and (obj.startswith(("/", "~", "./", "../")) or Path(obj).exists()):
+        return Path(obj).name
+    return obj
 
 
 def _export(recipe: Recipe, out: Path, loaded: Loaded, metrics: Mapping[str, Any] | None) -> Path:
@@ -793,9 +899,10 @@ def prepare(recipe: Recipe, out: Path) -> Path:
 
 
 @in_run_dir
-def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
-    """Every stage the recipe has, in one process; returns the report's path."""
-    loaded = load_model(recipe.model, say=say)
+def run(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = None) -> Path:
+    """Every stage the recipe has, in one process, on `loaded` (else the recipe's model, loaded
+    here); returns the report's path. A model handed over is edited in place."""
+    loaded = loaded or load_model(recipe.model, say=say)
     units = select(loaded.model, list(recipe.units))  # a bad glob fails before anything is written
     if recipe.plan is not None:
         sizes = _layer_sizes(loaded.model, units)
@@ -817,11 +924,16 @@ def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
         analyze(recipe, out, loaded, say)
     if recipe.plan is None:
         return export(recipe, out, say)
-    plan(recipe, out, say, loaded)
+    chosen = plan(recipe, out, say, loaded)
+    if not chosen.units:
+        raise MsaEditError(
+            f"the plan chose no units ({out / PLAN_JSON} is written; nothing to edit); "
+            "lower plan.min_z, raise the estimator budget or the plan's budget, or add target text"
+        )
     before = metrics(recipe, loaded, texts)
     candidates = candidate_metrics(recipe, out, loaded, texts)
     if recipe.model.bits is None:
-        _say_records(apply(recipe, out, loaded.model, targets), say)
+        _say_records(apply(recipe, out, loaded.model, targets), say, recipe.lesion.kind)
         after = metrics(recipe, loaded, texts)
         _export(recipe, out, loaded, {"before": before, "after": after})  # model/ before eval.json
         write_eval_json(out / EVAL_JSON, before, after, candidates)
@@ -832,3 +944,97 @@ def run(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
         write_eval_json(out / EVAL_JSON, before, after, candidates)
     _say_metrics(out, say)
     return export(recipe, out, say)
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def stage_recipe(path: str | Path, out: Path, overrides: Sequence[str] = ()) -> Recipe:
+    """The recipe a stage command runs: the run directory's recipe.yaml (with `overrides`), so
+    what an earlier stage was told by `--set` is not forgotten. The recipe file given on the
+    command line must say the same; a conflicting one is refused, naming the differing keys."""
+    given = load_recipe(path, overrides)
+    saved_path = out / RECIPE_YAML
+    if not saved_path.is_file() or Path(path).resolve() == saved_path.resolve():
+        return given
+    saved = load_recipe(saved_path, overrides)
+    if saved == given:
+        return saved
+    keys = changes(
+        flatten(saved.model_dump(mode="json"), "recipe"),
+        flatten(given.model_dump(mode="json"), "recipe"),
+    )
+    shown = describe_changes([k.removeprefix("recipe.") for k in keys])
+    raise MsaEditError(
+        f"{path} differs from the run directory's {saved_path} in {shown}; stages run the saved "
+        f"recipe: pass {saved_path}, or change fields with --set KEY=VALUE"
+    )
+
+
+def show_plan(out: Path) -> str:
+    """plan.json as a few readable lines: action, method, sets, and each unit with its score."""
+    chosen = Plan.load(out / PLAN_JSON)
+    lines = [
+        f"{out / PLAN_JSON}: {chosen.action} {len(chosen.units)} units of {chosen.base_model} "
+        f"(method {chosen.method}, mode {chosen.mode})",
+        f"target: {', '.join(chosen.target) or '-'}; retain: {', '.join(chosen.retain) or '-'}",
+    ]
+    for unit in chosen.units:
+        score = chosen.scores.get(unit)
+        se = chosen.stderr.get(unit)
+        text = f"  {unit:<28} score {score:+.4g}" if score is not None else f"  {unit}"
+        if se is not None:
+            text += f" ± {se:.2g}"
+        if unit in chosen.alpha:
+            text += f"  alpha {chosen.alpha[unit]:g}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def dry_run(recipe: Recipe, say: Say = say_line) -> str:
+    """What the recipe would cost, without writing anything: players, coalitions, forward passes
+    and a rough time on this device (one forward of the target rows, timed here)."""
+    loaded = load_model(recipe.model, say=say)
+    units = select(loaded.model, list(recipe.units))
+    targets = load_targets(recipe, loaded.tokenizer)
+    est = _estimator(recipe)
+    rows = targets.n_rows
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    kinds = ", ".join(
+        f"{sum(u.kind == k for u in units)} {k}" for k in sorted({u.kind for u in units})
+    )
+    device = next(loaded.model.parameters()).device
+    start = time.perf_counter()
+    with torch.no_grad():
+        loaded.model(targets.input_ids[: est.rows_per_forward].to(device))
+    per_row = (time.perf_counter() - start) / min(rows, est.rows_per_forward)
+    lines = [
+        f"model {recipe.model.name}: {n_params:,} parameters on {device}",
+        f"units: {len(units)} ({kinds}); targets: {len(targets.names)} sets, {rows} rows of "
+        f"{targets.input_ids.shape[1]} tokens",
+    ]
+
+    def cost(what: str, coalitions: int) -> str:
+        forwards = math.ceil(coalitions * rows / est.rows_per_forward)
+        return (
+            f"{what}: {coalitions:,} coalitions x {rows} rows = {forwards:,} forward passes of "
+            f"<= {est.rows_per_forward} rows, about "
+            f"{format_duration(coalitions * rows * per_row)} here"
+        )
+
+    if recipe.estimator is not None:
+        method = check_request(len(units), est.method, est.budget)
+        n = (1 << len(units)) if method == "exact" else est.budget or default_budget(len(units))
+        lines.append(cost(f"analysis ({method})", n))
+    stage = recipe.plan
+    if stage is not None and stage.method in ("loo", "search"):
+        lines.append(cost(f"plan ({stage.method})", stage.coalitions or len(units) + 2))
+    if stage is not None:
+        texts = eval_texts(recipe, loaded.folder)
+        blocks = 2 * len(texts) * recipe.evaluate.n_seq
+        lines.append(
+            f"evaluation: {len(texts)} texts x {recipe.evaluate.n_seq} blocks, before and after "
+            f"({blocks} rows); lm-eval tasks: {', '.join(recipe.evaluate.lm_eval_tasks) or '-'}"
+        )
+    lines.append(f"measured: {per_row * 1e3:.1f} ms per row of targets on {device}")
+    return "\n".join(lines)

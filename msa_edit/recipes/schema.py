@@ -17,6 +17,7 @@ True
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import re
 import types
@@ -60,6 +61,7 @@ __all__ = [
     "TargetSet",
     "TargetsStage",
     "TinyMoeStage",
+    "as_recipe",
     "load_recipe",
 ]
 
@@ -254,7 +256,7 @@ class ModelStage(_Stage):
         if bits is not None and not _bitsandbytes_available():
             raise ValueError(
                 f"{bits}-bit loading needs bitsandbytes, which is not installed; "
-                "pip install msa-edit[quant]"
+                "pip install -e '.[quant]' in a clone (or pip install bitsandbytes)"
             )
         return bits
 
@@ -613,6 +615,23 @@ class Recipe(_Stage):
 
 def _unknown_set(name: str, sets: Mapping[str, object]) -> str:
     return f"unknown target set {_short(name)}; targets.sets has {_clip(', '.join(sets), 200)}"
+
+
+def as_recipe(
+    recipe: str | Path | Mapping[str, Any] | Recipe, overrides: Sequence[str] = ()
+) -> Recipe:
+    """A `Recipe` from a recipe file, a plain dict (local paths relative to the working
+    directory) or a `Recipe`, with `key.path=value` overrides applied.
+
+    >>> as_recipe({"model": {"path": "org/m"}, "units": "layers.*.experts.*",
+    ...            "targets": {"sets": {"en": {"path": "org/en"}}}, "estimator": {}},
+    ...           ["estimator.budget=64"]).estimator.budget
+    64
+    """
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe, overrides)
+    data = recipe.model_dump(mode="json") if isinstance(recipe, Recipe) else dict(recipe)
+    return _validate(copy.deepcopy(data), "recipe", Path.cwd(), overrides)
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:

@@ -18,10 +18,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from msa_edit.errors import MsaEditError
 from msa_edit.fingerprint import Value
+from msa_edit.progress import Progress
 from msa_edit.shapley.checkpoint import checkpoint_size, read_checkpoint, write_checkpoint
 
 __all__ = ["BatchPool", "CoalitionCache", "Game", "GameSpec", "checkpoint_size"]
@@ -145,15 +145,10 @@ class CoalitionCache:
         """Rows this process sent through the game (cache hits and resumed rows excluded)."""
         if self.checkpoint is not None and self.checkpoint.exists():
             self._load(self.checkpoint)
-        self._bar = tqdm(
-            total=total,
+        self._bar = Progress(
+            total, "coalitions", "coal", enabled=progress,
             initial=min(self._size, total) if total else self._size,
-            unit="coal",
-            desc="coalitions",
-            disable=None if progress is None else not progress,
-            dynamic_ncols=True,
-            leave=False,
-        )
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return self._size
@@ -276,10 +271,10 @@ class CoalitionCache:
         self._append([row.tobytes() for row in keys], values)
 
     def close(self) -> None:
-        """Flush the checkpoint and close the progress bar."""
+        """Flush the checkpoint and close the progress (its last line, when not on a terminal)."""
         self.flush()
         self._bar.close()
 
     def set_postfix(self, **values: float) -> None:
-        """Show running numbers (e.g. the largest stderr) beside the progress bar."""
-        self._bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+        """Show running numbers (e.g. the largest stderr) beside the progress."""
+        self._bar.set_postfix(**values)

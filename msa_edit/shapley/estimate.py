@@ -200,9 +200,10 @@ def estimate(
     Sampling stops early when every stderr is below `tol`, or when the top-`topk` players by |value|
     stay the same for 3 rounds. With `checkpoint`, evaluated coalitions are written there (at most
     every `checkpoint_every` seconds, atomically) and a rerun with the same arguments resumes
-    without re-evaluating them and returns the same bits. `progress=None` shows a bar only on a
-    terminal. `fingerprint` (`msa_edit.fingerprint`: what the game's values depend on) is stored
-    in the checkpoint, and a checkpoint made with another one is refused, naming what changed.
+    without re-evaluating them and returns the same bits. Progress shows as a bar on a terminal
+    and as timestamped lines elsewhere (`msa_edit.progress`); `progress=False` silences it.
+    `fingerprint` (`msa_edit.fingerprint`: what the game's values depend on) is stored in the
+    checkpoint, and a checkpoint made with another one is refused, naming what changed.
 
     `game` may also be a `GameSpec`, whose `build()` makes the game. `backend="ray"` evaluates
     the batches on `workers` Ray actors (a `RayBackend` sets their resources), each holding the

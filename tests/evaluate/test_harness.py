@@ -165,7 +165,7 @@ def test_unknown_task_fails_before_any_forward(model, tokenizer, include_path, m
 
 def test_missing_lm_eval_is_a_clear_error(model, tokenizer, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    with pytest.raises(MsaEditError, match=r"pip install msa-edit\[lm-eval\]"):
+    with pytest.raises(MsaEditError, match=r"pip install -e '\.\[lm-eval\]'"):
         lm_eval_scores(model, tokenizer, [TASK])
 
 

@@ -398,3 +398,60 @@ def test_wrong_top_level_json_is_a_clear_error(tmp_path: Path) -> None:
     (run / "shapley.json").write_text('{"units": ["x\\n## injected"], "values": [[1.0]]}')
     with pytest.raises(MsaEditError, match="malformed unit name"):
         write_report(run)
+
+
+def test_heatmap_of_64_units_has_a_capped_aspect(tmp_path: Path) -> None:
+    """64 experts in one layer x 3 targets: a units x targets list in blocks, not 3 flat strips."""
+    from PIL import Image
+
+    from msa_edit.evaluate.plots import MAX_ASPECT, heatmap_layout
+
+    units = [Unit(0, "experts", e) for e in range(64)]
+    values = torch.linspace(-1, 1, 64 * 3).reshape(64, 3)
+    png = unit_heatmaps(values, units, TARGETS, tmp_path / "h.png", marked=units[3:5])
+    width, height = Image.open(png).size
+    assert 1 / MAX_ASPECT <= width / height <= MAX_ASPECT
+    assert max(width, height) <= 1400
+    layout = heatmap_layout(1, 64, 3, 64)
+    assert layout.mode == "list" and layout.fold * layout.chunk >= 64
+    for shape in [
+        (1, 8, 3, 8),
+        (2, 64, 3, 128),
+        (4, 64, 3, 256),
+        (2, 2048, 3, 4096),
+        (32, 1, 3, 32),
+    ]:
+        assert 1 / MAX_ASPECT <= heatmap_layout(*shape).aspect <= MAX_ASPECT, shape
+
+
+def test_delta_plot_bars_are_after_minus_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from msa_edit.evaluate import plots
+
+    seen: dict[str, Any] = {}
+    real = plots.delta_plot
+
+    def spy(panels: Any, deltas: Any, path: Any, *, highlight: Any = ()) -> Path:
+        seen.update(panels=panels, deltas=deltas, highlight=highlight)
+        return real(panels, deltas, path, highlight=highlight)
+
+    monkeypatch.setattr(plots, "delta_plot", spy)
+    run = _make_run(tmp_path, edit=False, recipe=False)
+    write_report(run)
+    ev = json.loads((run / "eval.json").read_text())
+    metrics = [m for _, ms in seen["panels"] for m in ms]
+    bars = plots.delta_bars(metrics, seen["deltas"])
+    for metric, height, colour in bars:
+        assert height == pytest.approx(ev["after"][metric] - ev["before"][metric], abs=1e-12)
+        assert colour == ("tab:red" if height > 0 else "tab:blue")
+    assert seen["highlight"] == {"nll/ru", "ppl/ru"}  # the plan's target
+    assert "red = it rose, blue = it fell" in (run / "report.md").read_text()
+
+
+def test_two_point_trace_draws_points_not_lines(tmp_path: Path) -> None:
+    run = _make_run(tmp_path, plan=False, eval_=False, edit=False, recipe=False)
+    _edit_json(run / "shapley.json", lambda o: o.update(trace=o["trace"][:2]))
+    text = write_report(run).read_text()
+    assert "Only 2 checkpoints were recorded" in text
+    assert (run / "convergence.png").read_bytes()[:8] == PNG_MAGIC

@@ -59,6 +59,18 @@ def dense_model(data: dict[str, Any], tmp: Path) -> None:
     data["model"]["path"] = str(folder)
 
 
+def task_without_data(data: dict[str, Any], tmp: Path) -> None:
+    """A local lm-eval task whose data file is missing (as an offline Hub dataset would be)."""
+    pytest.importorskip("lm_eval")
+    tasks = Path(__file__).resolve().parents[1] / "data" / "lm_eval_tasks"
+    config = yaml.safe_load((tasks / "next_word.yaml").read_text())
+    config["dataset_kwargs"] |= {"data_files": {"test": str(tmp / "missing.jsonl")},
+                                 "cache_dir": str(tmp / "hf")}  # fmt: skip
+    (tmp / "tasks").mkdir()
+    (tmp / "tasks" / "next_word.yaml").write_text(yaml.safe_dump(config))
+    data["evaluate"] |= {"lm_eval_tasks": ["next_word"], "lm_eval_include": str(tmp / "tasks")}
+
+
 TINY = {"texts": {"en": str(UD_TEXT / "en.txt")}}
 MALFORMED: list[tuple[str, Mutation | str, str]] = [
     ("missing stage", setting("estimator", ...), "estimator: missing (required)"),
@@ -83,7 +95,7 @@ MALFORMED: list[tuple[str, Mutation | str, str]] = [
     ("unknown lm-eval task", setting("evaluate.lm_eval_tasks", ["arc_eazy"]), "task 'arc_eazy'"),
     ("bad YAML", "model: [unclosed\n", "not valid YAML at line 2"),
     ("not a mapping", "- just\n- a list\n", "a recipe is a mapping of stages"),
-    ("4-bit, no bitsandbytes", setting("model.bits", 4), "pip install msa-edit[quant]"),
+    ("4-bit, no bitsandbytes", setting("model.bits", 4), "pip install -e '.[quant]'"),
     (
         "budget too small",
         setting("estimator", {"method": "permutation", "budget": 3}),
@@ -96,6 +108,7 @@ MALFORMED: list[tuple[str, Mutation | str, str]] = [
     ),
     ("edit will be refused", setting("units", "layers.0.experts.*"), "cannot be saved as reroute"),
     ("fewer than top-k", setting("plan.per_layer", 3), "fewer than top-k=2"),
+    ("lm-eval data missing", task_without_data, "lm-eval task 'next_word': its data cannot be"),
     ("no such CUDA device", setting("model.device_map", "cuda:99"), "'cuda:99', but this machine"),
 ]
 

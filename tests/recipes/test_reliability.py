@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from msa_edit.cli import main
 from msa_edit.rundir import LOCK, locked, stale_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+PROGRESS = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 
 def small_recipe(model: Path, texts: Path | None = None, **stages: Any) -> dict[str, Any]:
@@ -48,7 +50,8 @@ def write(path: Path, data: dict[str, Any]) -> Path:
 
 
 def one_error(capsys: pytest.CaptureFixture[str]) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    """The one error line (timestamped progress lines of work done before it aside)."""
+    err = [e for e in capsys.readouterr().err.strip().splitlines() if not PROGRESS.match(e)]
     assert len(err) == 1, err
     assert err[0].startswith("msa-edit: error: ")
     return err[0]
@@ -66,10 +69,10 @@ def model_copy(tiny_mixtral: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def texts(tmp_path: Path) -> Path:
-    """Private copies of the en/ru texts that a test may edit in place."""
+    """Private copies of the en/ru/zh texts that a test may edit in place."""
     folder = tmp_path / "texts"
     folder.mkdir()
-    for lang in ("en", "ru"):
+    for lang in ("en", "ru", "zh"):
         shutil.copy(UD_TEXT / f"{lang}.txt", folder / f"{lang}.txt")
     return folder
 
@@ -122,15 +125,28 @@ def test_a_setting_that_changes_the_bits_is_refused(
     assert "(changed: setting.rows_per_forward)" in one_error(capsys)
 
 
+@pytest.mark.parametrize(
+    ("other", "changed"),
+    [
+        ({"lesion": {"kind": "zero"}}, "setting.lesion.kind"),
+        ({"zh": True}, "targets, targets.zh.n_seq"),  # one more value column per coalition
+    ],
+    ids=["another lesion", "an extra target column"],
+)
 def test_a_foreign_checkpoint_is_refused(
-    tiny_mixtral: Path, texts: Path, tmp_path: Path, capsys
+    other: dict[str, Any], changed: str, tiny_mixtral: Path, texts: Path, tmp_path: Path, capsys
 ) -> None:
-    _, other = analyzed(tiny_mixtral, texts, tmp_path / "a", lesion={"kind": "zero"})
+    stages = {k: v for k, v in other.items() if k != "zh"}
+    if other.get("zh"):
+        data = small_recipe(tiny_mixtral, texts)
+        data["targets"]["sets"]["zh"] = {"path": str(texts / "zh.txt"), "n_seq": 2, "seq_len": 16}
+        stages["targets"] = data["targets"]
+    _, foreign = analyzed(tiny_mixtral, texts, tmp_path / "a", **stages)
     recipe, out = analyzed(tiny_mixtral, texts, tmp_path)
-    shutil.copy(other / "shapley.ckpt", out / "shapley.ckpt")  # same size, another game
+    shutil.copy(foreign / "shapley.ckpt", out / "shapley.ckpt")  # same players, another game
     capsys.readouterr()
     assert main(["analyze", str(recipe), "--out", str(out)]) == 2
-    assert "(changed: setting.lesion.kind)" in one_error(capsys)
+    assert f"(changed: {changed}" in one_error(capsys)
 
 
 def test_an_unchanged_game_resumes_and_an_old_key_file_is_ignored(
@@ -201,7 +217,8 @@ def test_another_models_recipe_is_refused(
     out = Path(shutil.copytree(planned / "out", tmp_path / "out"))
     capsys.readouterr()
     assert main(["edit", str(recipe), "--out", str(out)]) == 2
-    assert "was made for another recipe (model differ" in one_error(capsys)
+    err = one_error(capsys)
+    assert "differs from the run directory's" in err and "in model.path" in err
     (out / "recipe.yaml").unlink()  # without the saved recipe, plan.json's base model decides
     assert main(["edit", str(recipe), "--out", str(out)]) == 2
     assert f"was made for base model '{tiny_mixtral}'" in one_error(capsys)

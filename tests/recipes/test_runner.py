@@ -272,5 +272,6 @@ def test_analysis_only_recipe_and_a_changed_game(
     data["targets"]["sets"]["en"]["n_seq"] = 3  # another game: the stored coalitions do not apply
     assert main(["analyze", str(write(tmp_path / "r.yaml", data)), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "was made for another recipe (targets differ" in err[0]
+    assert len(err) == 1 and "differs from the run directory's" in err[0]
+    assert "targets.sets.en.n_seq" in err[0]
     assert (out / "recipe.yaml").read_text() == saved

@@ -174,7 +174,7 @@ def test_quantisation_without_bitsandbytes(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(recipes, "_bitsandbytes_available", lambda: False)
     data = copy.deepcopy(VALID)
     data["model"]["bits"] = 8
-    with pytest.raises(MsaEditError, match=r"model\.bits: .*pip install msa-edit\[quant\]$"):
+    with pytest.raises(MsaEditError, match=r"model\.bits: .*pip install bitsandbytes\)$"):
         load_recipe(write(tmp_path, data))
 
 
