@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -563,6 +564,35 @@ def build_key(shas: Mapping[str, str], config: TinyMoeConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "tokenizers", "numpy")
+
+
+def build_environment() -> dict[str, str]:
+    """What shapes a build's bits besides its inputs: library versions and the CPU kind.
+
+    >>> sorted(build_environment())
+    ['cpu', 'numpy', 'python', 'tokenizers', 'torch', 'transformers']
+    """
+    from importlib.metadata import version
+
+    env = {name: version(name) for name in ENVIRONMENT_PACKAGES}
+    env["python"] = platform.python_version()
+    env["cpu"] = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+    return env
+
+
+def environment_changes(recorded: Mapping[str, str]) -> str:
+    """What differs between a build's recorded environment and this one ('' if nothing or
+    nothing recorded).
+
+    >>> environment_changes({}), environment_changes({"torch": "0.0"}).startswith("torch 0.0 (")
+    ('', True)
+    """
+    here = build_environment()
+    differ = [f"{k} {v} (here {here.get(k)})" for k, v in recorded.items() if here.get(k) != v]
+    return ", ".join(differ)
+
+
 def read_meta(path: Path | str) -> dict[str, Any] | None:
     """The `tiny_moe.json` of a tiny-moe directory, or None if `path` is not one."""
     meta_path = Path(path) / META_FILE
@@ -633,6 +663,12 @@ def build_tiny_moe(
     meta = read_meta(out)
     if meta is not None and meta.get("key") == key:
         note(f"tiny-moe: reusing the model {where} {out}; {_summary(meta)}")
+        differ = environment_changes(meta.get("environment") or {})
+        if differ:
+            note(
+                f"tiny-moe: WARNING: this build was made with {differ}; a build here would "
+                "not be bit-identical to it (delete the folder to rebuild)"
+            )
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -700,6 +736,7 @@ def _build_into(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "key": key,
+        "environment": build_environment(),
         "languages": list(paths),
         "files": {
             lang: {

@@ -248,3 +248,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(texts, tmp_path, capsys, make_args
     assert len(err) == 1 and err[0].startswith("msa-edit: error: ") and message in err[0]
     assert not (tmp_path / "model").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_build_from_another_environment_is_reused_with_a_warning(
+    texts, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv("MSA_EDIT_CACHE", str(tmp_path / "cache"))
+    small = TinyMoeConfig(**{**SMALL.to_dict(), "steps": 2})
+    path = build_tiny_moe(texts, config=small)
+    meta = meta_of(path)
+    assert meta["environment"] == tm.build_environment()
+    capsys.readouterr()
+    build_tiny_moe(texts, config=small)
+    assert "WARNING" not in capsys.readouterr().err
+    meta["environment"]["torch"] = "1.0.0"  # as if built elsewhere and copied here
+    (path / "tiny_moe.json").write_text(json.dumps(meta), encoding="utf-8")
+    assert build_tiny_moe(texts, config=small) == path
+    err = capsys.readouterr().err
+    assert f"WARNING: this build was made with torch 1.0.0 (here {torch.__version__})" in err
