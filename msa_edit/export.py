@@ -65,7 +65,9 @@ class CardInfo:
     ``plan`` is a ``plan.json`` dict (``action``, ``units``, ``scores``, ``target``, ...),
     ``shapley`` a ``shapley.json``-like dict (``method``, ``budget``, ``seed``,
     ``n_evaluations``; arrays are ignored), ``metrics`` an ``eval.json`` dict
-    ``{"before": {...}, "after": {...}}``, ``recipe`` the recipe as a dict. ``license`` falls back
+    ``{"before": {...}, "after": {...}}``, ``edit`` an ``edit.json`` dict (each record's action and
+    the lesion the model equals; where that differs from the analysed lesion, the card says so),
+    ``recipe`` the recipe as a dict. ``license`` falls back
     to the base model's card when left ``None``.
 
     >>> CardInfo.from_dict({"base_model": "org/m", "plan": {"action": "remove"}}).plan
@@ -78,6 +80,7 @@ class CardInfo:
     plan: Mapping[str, Any] | None = None
     shapley: Mapping[str, Any] | None = None
     metrics: Mapping[str, Mapping[str, float]] | None = None
+    edit: Mapping[str, Any] | None = None
     tags: tuple[str, ...] = field(default=())
 
     @classmethod
@@ -288,6 +291,7 @@ def render_card(card: CardInfo, *, title: str = "model") -> str:
         f"# {title}\n\n{_intro(card)}",
         _plan_section(card.plan),
         _shapley_section(card.shapley),
+        _edit_section(card.edit),
         _metrics_section(card.metrics),
         _recipe_section(card.recipe),
     ]
@@ -367,6 +371,24 @@ def _shapley_section(shapley: Mapping[str, Any] | None) -> str:
         if isinstance(shapley.get(key), (list, tuple)):
             lines.append(f"- **{key}**: {len(shapley[key])}")
     return "\n".join(lines)
+
+
+def _edit_section(edit: Mapping[str, Any] | None) -> str:
+    """Each edit record: action, units, the lesion the model equals, and any difference from the
+    lesion the units were analysed with."""
+    records = (edit or {}).get("records") or []
+    lines = []
+    for rec in records:
+        if not isinstance(rec, Mapping):
+            continue
+        n = len(rec.get("units") or [])
+        lines.append(
+            f"- `{_cell(rec.get('action'))}` on {n} units: the model equals the "
+            f"`{_cell(rec.get('matches'))}` lesion"
+        )
+        if rec.get("differs"):
+            lines.append(f"  - **differs from the analysis**: {_cell(rec['differs'])}")
+    return "\n".join(["## Edit", "", *lines]) if lines else ""
 
 
 def _metrics_section(metrics: Mapping[str, Mapping[str, float]] | None) -> str:

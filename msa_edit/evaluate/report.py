@@ -563,9 +563,10 @@ def _edit(edit: Any) -> list[str]:
     lines = [
         "## Edit",
         "",
-        "| # | action | units | params before | params after | change |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| # | action | units | lesion it equals | params before | params after | change |",
+        "|---:|---|---:|---|---:|---:|---:|",
     ]
+    warnings = []
     for i, rec in enumerate(r for r in records if isinstance(r, Mapping)):
         units = rec.get("units")
         before, after = rec.get("params_before"), rec.get("params_after")
@@ -576,12 +577,16 @@ def _edit(edit: Any) -> list[str]:
             str(i + 1),
             md_text(rec.get("action", "?"), code=True),
             str(len(units)) if isinstance(units, list) else "—",
+            md_text(rec.get("matches", "—"), code=True),
             f"{before:,}" if isinstance(before, int) else "—",
             f"{after:,}" if isinstance(after, int) else "—",
             change,
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return [*lines, ""]
+        if isinstance(rec.get("differs"), str):
+            why = md_text(rec["differs"])
+            warnings += [f"**Edit {i + 1} differs from the analysis:** {why}.", ""]
+    return [*lines, "", *warnings]
 
 
 def _trace(sh: _Shapley) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -836,12 +836,15 @@ def _say_metrics(out: Path, say: Say) -> None:
 def _card(recipe: Recipe, out: Path, metrics: Mapping[str, Any] | None) -> CardInfo:
     shapley = read_shapley(out) if (out / SHAPLEY_JSON).is_file() else None
     chosen = Plan.load(out / PLAN_JSON).to_json() if (out / PLAN_JSON).is_file() else None
+    has_edit = (out / EDIT_JSON).is_file()
+    edit = read_json(out / EDIT_JSON, "rerun `msa-edit edit`") if has_edit else None
     return CardInfo(
         base_model=portable(recipe.model.path),
         recipe=portable(recipe.model_dump(mode="json")),
         plan=portable(chosen),
         shapley=portable(shapley),
         metrics=metrics,
+        edit=edit if isinstance(edit, dict) else None,
     )
 
 

@@ -140,6 +140,11 @@ def test_an_edit_that_differs_from_the_analysis_is_said_and_recorded(
         edit["records"][0]["differs"].endswith(")")
         and "not the analysed 'reroute'" in (edit["records"][0]["differs"])
     )
+    report = (out / "report.md").read_text()
+    assert "differs from the analysis:**" in report and "not the analysed 'reroute'" in report
+    assert "**differs from the analysis**: the model computes the" in (
+        out / "model" / "README.md"
+    ).read_text()
     shutil.rmtree(out)
 
 
