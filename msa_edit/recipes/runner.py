@@ -627,6 +627,7 @@ def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
             extra=recipe.edit.extra, overwrite=True,
         )  # fmt: skip
         write_json(out / EDIT_JSON, _edit_json([record], recipe.lesion.kind, None))
+        update_card(path, _card(recipe, out, None))  # now with this edit's record
         _say_records([record], say, recipe.lesion.kind)
         return path
     loaded = load_model(recipe.model, quantized=False, say=say)
