@@ -113,9 +113,11 @@ def main() -> dict[str, Any]:
         [f"compression search (<= {SEARCH_COALITIONS} coalitions)",
          f"{cpu * SEARCH_COALITIONS / 86400:.0f} days", f"{gpu * SEARCH_COALITIONS / 60:.0f} min"],
     ]  # fmt: skip
-    print(f"\n# Projection for Mixtral-8x7B ({flops:.2e} FLOPs a coalition); GPU: "
-          f"{args.gpu_tflops:.0f} TFLOP/s effective x {args.four_bit_factor} for 4-bit "
-          f"(assumed); paper: {PAPER['a100_days']:.0f} A100-days, {calls:,} calls\n")
+    print(
+        f"\n# Projection for Mixtral-8x7B ({flops:.2e} FLOPs a coalition); GPU: "
+        f"{args.gpu_tflops:.0f} TFLOP/s effective x {args.four_bit_factor} for 4-bit "
+        f"(assumed); paper: {PAPER['a100_days']:.0f} A100-days, {calls:,} calls\n"
+    )
     print(markdown(["work", "this CPU (fit)", "one GPU (assumed rate)"], projection))
     payload = {"rows": rows, "fit": {"c0_s": c0, "gflops": rate / 1e9},
                "assumptions": {"gpu_tflops": args.gpu_tflops,

@@ -27,7 +27,7 @@ from typing import Any
 
 from benchlib import markdown, save_results
 
-from msa_edit.tiny_moe import cache_dir
+from msa_edit.cachedir import cache_dir
 
 EXPERTS, REMOVE = 8, 2
 SHARD = "500MB"

@@ -26,12 +26,13 @@ from msapy import msa
 
 import msa_edit
 from msa_edit.atomic import atomic_path, write_json
+from msa_edit.cachedir import cache_dir
 from msa_edit.cli import quiet_libraries
 from msa_edit.games import LesionGame, MeanNLL, Targets, text_blocks
 from msa_edit.shapley import Game
 from msa_edit.shapley.cache import CoalitionCache
 from msa_edit.shapley.exact import all_coalitions
-from msa_edit.tiny_moe import HELDOUT_DIR, TinyMoeConfig, build_tiny_moe, cache_dir, load_tiny_moe
+from msa_edit.tiny_moe import HELDOUT_DIR, TinyMoeConfig, build_tiny_moe, load_tiny_moe
 from msa_edit.units import select
 
 UD_TEXT = Path(msa_edit.__file__).parent / "data" / "ud-text"

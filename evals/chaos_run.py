@@ -33,8 +33,9 @@ from typing import Any
 import yaml
 from benchlib import markdown, save_results
 
+from msa_edit.cachedir import cache_dir
 from msa_edit.rundir import LOCK, stale_paths
-from msa_edit.tiny_moe import TinyMoeConfig, build_tiny_moe, cache_dir
+from msa_edit.tiny_moe import TinyMoeConfig, build_tiny_moe
 
 UD_TEXT = Path(__file__).resolve().parents[1] / "msa_edit" / "data" / "ud-text"
 LANGS = ("en", "ru", "zh")

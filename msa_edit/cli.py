@@ -331,6 +331,7 @@ def run_show_plan(out: str) -> None:
 
 def run_validate(path: str, overrides: Sequence[str]) -> None:
     """Print a one-paragraph summary of a valid recipe."""
+    from msa_edit.quantize import bitsandbytes_available
     from msa_edit.recipes import load_recipe
 
     recipe = load_recipe(path, overrides)
@@ -347,14 +348,21 @@ def run_validate(path: str, overrides: Sequence[str]) -> None:
         f"{path}: valid; model {recipe.model.name}, units {', '.join(recipe.units)}, "
         f"targets {', '.join(recipe.targets.sets)}, {analysis}, stages {', '.join(stages)}"
     )
+    if recipe.model.bits is not None and not bitsandbytes_available():
+        print(f"{path}: to run it here: {recipe.model.bits}-bit loading needs bitsandbytes, "
+              "which is not installed (pip install -e '.[quant]' in a clone)")  # fmt: skip
 
 
 def model_skeleton(model: str) -> nn.Module:
-    """Model `model` (folder or Hub id) built from its config on the meta device: its modules and
-    shapes without weights. Loads the weights only if a meta build fails."""
+    """Model `model` (folder, GGUF file or Hub id) built from its config on the meta device: its
+    modules and shapes without weights. Loads the weights only if a meta build fails."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from msa_edit.gguf import is_gguf, plain_folder
+
+    if is_gguf(model):
+        model = str(plain_folder(model))
     local = Path(model).expanduser()
     if model.startswith(("/", ".", "~")) and not local.is_dir():
         raise MsaEditError(f"model folder {local} does not exist; give a model folder or Hub id")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -56,24 +56,55 @@ class Targets:
         return int(self.input_ids.shape[0])
 
 
+Packing = Literal["auto", "documents", "text"]
+PACKINGS: tuple[Packing, ...] = ("auto", "documents", "text")
+
+
+def resolve_packing(tokenizer: Any, packing: Packing = "auto") -> Packing:
+    """`packing`, with "auto" made concrete: "text" for a chat-tuned tokenizer (one with a chat
+    template: its EOS ends a chat turn, e.g. `<|im_end|>`, not a document), else "documents".
+
+    >>> class Plain: chat_template = None
+    >>> resolve_packing(Plain()), resolve_packing(Plain(), "text")
+    ('documents', 'text')
+    """
+    if packing not in PACKINGS:
+        raise MsaEditError(f"packing {packing!r} is not one of {', '.join(PACKINGS)}")
+    if packing != "auto":
+        return packing
+    return "text" if getattr(tokenizer, "chat_template", None) else "documents"
+
+
 def text_blocks(
-    tokenizer: Any, source: str | Path, n_seq: int, seq_len: int, *, split: str = "train"
+    tokenizer: Any,
+    source: str | Path,
+    n_seq: int,
+    seq_len: int,
+    *,
+    split: str = "train",
+    packing: Packing = "auto",
 ) -> torch.Tensor:
     """`n_seq` blocks of `seq_len` tokens `[n_seq, seq_len]` from a text data set.
 
     `source` is a local .txt (one document per line), .json/.jsonl or .parquet file with a "text"
-    column, or a Hub data set id (where the Hub is reachable). Documents are tokenised with the
-    tokenizer's own special tokens (e.g. a BOS), each followed by EOS — the packing LMs are trained
-    on — and cut into consecutive blocks.
+    column, or a Hub data set id (where the Hub is reachable). `packing` "documents" tokenises
+    each document with the tokenizer's own special tokens (e.g. a BOS) and follows it by EOS — the
+    packing base LMs are trained on; "text" runs the documents together, one per line, with no
+    special tokens — for chat-tuned models, whose EOS ends a turn; "auto" picks by the tokenizer
+    (`resolve_packing`). The stream is cut into consecutive blocks.
     """
     texts = _load_texts(source, split)
-    eos = tokenizer.eos_token_id
+    packing = resolve_packing(tokenizer, packing)
+    eos = tokenizer.eos_token_id if packing == "documents" else None
     ids: list[int] = []
     need = n_seq * seq_len
     for text in texts:
         if not text.strip():
             continue
-        ids += tokenizer(text)["input_ids"]
+        if packing == "text":
+            ids += tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
+        else:
+            ids += tokenizer(text)["input_ids"]
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         if len(ids) >= need:

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from msa_edit.cachedir import cache_dir
 from msa_edit.errors import MsaEditError
 from msa_edit.progress import Progress, format_duration, note
 
@@ -523,11 +524,6 @@ def _new_model(config: TinyMoeConfig, vocab_size: int) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # Building a model directory
-
-
-def cache_dir() -> Path:
-    """Where built artefacts are cached: `$MSA_EDIT_CACHE`, default `~/.cache/msa_edit`."""
-    return Path(os.environ.get("MSA_EDIT_CACHE") or Path.home() / ".cache" / "msa_edit")
 
 
 def _resolve(

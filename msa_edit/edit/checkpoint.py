@@ -38,6 +38,7 @@ from msa_edit.edit.tensorfile import (
     write_tensors,
 )
 from msa_edit.errors import MsaEditError
+from msa_edit.progress import Progress
 from msa_edit.quantize import checkpoint_key, checkpoint_shards
 from msa_edit.units import ARCHITECTURES, Unit
 
@@ -74,16 +75,19 @@ def slice_checkpoint(
         raise MsaEditError(f"{dst} is not empty; slice_checkpoint writes into an empty folder")
     before = after = 0
     weight_map: dict[str, str] = {}
-    for shard, header in headers.items():
-        entries = []
-        for key, info in header.items():
-            entry = _entry(shard, key, info, roles[key], sliced, zeroed)
-            if entry is not None:
-                entries.append(entry)
-                weight_map[entry.name] = shard.name
-                after += math.prod(entry.shape)
-            before += math.prod(info.shape)
-        write_tensors(dst / shard.name, entries, read_metadata(shard) or None)
+    with Progress(len(headers), "edit: shards", "shard") as bar:
+        for shard, header in headers.items():
+            entries = []
+            for key, info in header.items():
+                entry = _entry(shard, key, info, roles[key], sliced, zeroed)
+                if entry is not None:
+                    entries.append(entry)
+                    weight_map[entry.name] = shard.name
+                    after += math.prod(entry.shape)
+                before += math.prod(info.shape)
+            write_tensors(dst / shard.name, entries, read_metadata(shard) or None)
+            bar.set_postfix(kept=f"{after / 1e6:.1f}M params")
+            bar.update()
     if (src / INDEX).is_file():
         index = json.loads((src / INDEX).read_text())
         size = sum((dst / s.name).stat().st_size for s in shards)

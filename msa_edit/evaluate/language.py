@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from transformers import PreTrainedModel
 
 from msa_edit.atomic import read_json, write_json
 from msa_edit.errors import MsaEditError
-from msa_edit.games import text_blocks, token_nll
+from msa_edit.games import Packing, text_blocks, token_nll
 from msa_edit.progress import Progress
 
 NLL_METRIC = Path(__file__).parent / "metrics" / "nll.py"
@@ -69,6 +70,31 @@ def block_nll(
     return torch.cat(sums)
 
 
+def text_bytes(tokenizer: Any, blocks: torch.Tensor) -> list[int]:
+    """UTF-8 bytes of the text each block's predicted tokens (all but the first) decode to,
+    special tokens left out.
+
+    >>> class Chars:  # a tokenizer whose tokens are characters
+    ...     def decode(self, ids, skip_special_tokens): return "".join(chr(i) for i in ids)
+    >>> text_bytes(Chars(), torch.tensor([[104, 105, 233], [97, 98, 99]]))  # "hi\xe9", "abc"
+    [3, 2]
+    """
+    return [
+        len(tokenizer.decode(row[1:].tolist(), skip_special_tokens=True).encode("utf-8"))
+        for row in blocks
+    ]
+
+
+def bits_per_byte(nll_sums: Sequence[float], n_bytes: Sequence[int]) -> float:
+    """Σ NLL (nats) over Σ bytes, in bits; NaN when the text has no bytes.
+
+    >>> round(bits_per_byte([math.log(2) * 8], [4]), 6)
+    2.0
+    """
+    total = sum(n_bytes)
+    return math.fsum(nll_sums) / (math.log(2) * total) if total > 0 else math.nan
+
+
 def language_nll(
     model: PreTrainedModel,
     tokenizer: Any,
@@ -78,21 +104,28 @@ def language_nll(
     seq_len: int = 64,
     batch_size: int = 8,
     progress: bool | None = None,
+    packing: Packing = "auto",
 ) -> dict[str, float]:
-    """Mean next-token NLL and perplexity per language on held-out text.
+    """Mean next-token NLL, perplexity and bits per byte per language on held-out text.
 
     `texts` maps a language code to a local text file (or data set, see `games.text_blocks`); each
     gives `n_seq` blocks of `seq_len` tokens. Every file is read before the first forward pass, so a
-    bad path fails fast. Returns `{"nll/ru": ..., "ppl/ru": ..., ...}` for every language.
-    `progress` counts blocks done (`msa_edit.progress`; False: silent, None: a bar on a terminal,
-    timestamped lines on stderr otherwise) and shows each finished language's NLL.
+    bad path fails fast. Returns `{"nll/ru": ..., "ppl/ru": ..., "bpb/ru": ..., ...}` for every
+    language. `bpb` (the NLL in bits over the UTF-8 bytes of the predicted text) compares across
+    languages and tokenizers; per-token NLL does not (a token is a different amount of text).
+    `packing` is `games.text_blocks`'. `progress` counts blocks done (`msa_edit.progress`; False:
+    silent, None: a bar on a terminal, timestamped lines on stderr otherwise) and shows each
+    finished language's NLL.
 
     >>> # language_nll(model, tokenizer, {"ru": "heldout/ru.txt", "en": "heldout/en.txt"})
-    >>> # {'nll/ru': 3.12, 'ppl/ru': 22.6, 'nll/en': 2.71, 'ppl/en': 15.0}
+    >>> # {'nll/ru': 3.12, 'ppl/ru': 22.6, 'bpb/ru': 1.41, 'nll/en': 2.71, ...}
     """
     if not texts:
         raise MsaEditError("no held-out texts given; pass at least one LANG=FILE")
-    blocks = {lang: text_blocks(tokenizer, path, n_seq, seq_len) for lang, path in texts.items()}
+    blocks = {
+        lang: text_blocks(tokenizer, path, n_seq, seq_len, packing=packing)
+        for lang, path in texts.items()
+    }
     out: dict[str, float] = {}
     total = sum(ids.shape[0] for ids in blocks.values())
     with Progress(total, "language NLL", "block", enabled=progress) as bar:
@@ -102,6 +135,7 @@ def language_nll(
             scores = nll_metric().compute(nll_sum=sums.tolist(), n_tokens=n_tokens)
             out[f"nll/{lang}"] = float(scores["nll"])
             out[f"ppl/{lang}"] = float(scores["perplexity"])
+            out[f"bpb/{lang}"] = bits_per_byte(sums.tolist(), text_bytes(tokenizer, ids))
             done = [f"{k[4:]} {v:.3f}" for k, v in out.items() if k.startswith("nll/")]
             bar.set_postfix(nll=" ".join(done))
     return out
@@ -119,6 +153,50 @@ def compare(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str
         "after": {k: float(v) for k, v in after.items()},
         "delta": delta,
     }
+
+
+@dataclass(frozen=True)
+class Selectivity:
+    """How much a targeted edit raised its target sets' NLL against the most-raised other set."""
+
+    target: str
+    own: float
+    other: str
+    other_delta: float
+
+    @property
+    def ratio(self) -> float:
+        """own / largest other increase (inf when no other set rose)."""
+        return self.own / self.other_delta if self.other_delta > 0 else math.inf
+
+    def line(self) -> str:
+        """One line for logs and READMEs.
+
+        >>> Selectivity("zh", 0.68, "de", 0.004).line()
+        'zh +0.680 nats/token; largest other de +0.004: 170x on the target'
+        """
+        ratio = f"{self.ratio:.0f}x" if math.isfinite(self.ratio) else "no other set rose"
+        return (
+            f"{self.target} {self.own:+.3f} nats/token; largest other {self.other} "
+            f"{self.other_delta:+.3f}: {ratio} on the target"
+        )
+
+
+def selectivity(delta: Mapping[str, float], target: Sequence[str]) -> Selectivity | None:
+    """The smallest target increase against the largest other `nll/` increase in `delta`
+    (`eval.json`'s), or None without both a target and another set.
+
+    >>> selectivity({"nll/zh": 0.5, "nll/en": 0.01, "nll/de": -0.02, "ppl/zh": 3.0}, ["zh"]).ratio
+    50.0
+    """
+    nll = {k[4:]: v for k, v in delta.items() if k.startswith("nll/")}
+    own = {t: nll[t] for t in target if t in nll}
+    others = {k: v for k, v in nll.items() if k not in target}
+    if not own or not others:
+        return None
+    t = min(own, key=own.__getitem__)
+    o = max(others, key=others.__getitem__)
+    return Selectivity(t, own[t], o, others[o])
 
 
 def write_eval_json(

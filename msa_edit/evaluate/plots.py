@@ -497,6 +497,21 @@ def delta_bars(
     return out
 
 
+def bar_labels(values: Sequence[float]) -> list[str]:
+    """Signed labels with the decimals the panel's largest value needs for 3 significant
+    digits, so small neighbours stay short (n/a where not finite).
+
+    >>> bar_labels([0.6803, 0.0005938, -0.0027, math.nan])
+    ['+0.680', '+0.001', '-0.003', 'n/a']
+    >>> bar_labels([137.8, 0.07])
+    ['+138', '+0']
+    """
+    finite = [abs(v) for v in values if math.isfinite(v)]
+    top = max(finite, default=0.0)
+    decimals = max(0, 2 - math.floor(math.log10(top))) if top > 0 else 0
+    return [f"{v:+.{decimals}f}" if math.isfinite(v) else "n/a" for v in values]
+
+
 def delta_plot(
     panels: Sequence[tuple[str, Sequence[str]]],
     deltas: Mapping[str, float | None],
@@ -534,7 +549,7 @@ def delta_plot(
             edgecolor=["black" if m in highlight else "none" for m, _, _ in bars],
             linewidth=1.8,
         )
-        labels = [f"{h:+.4g}" if math.isfinite(h) else "n/a" for h in heights]
+        labels = bar_labels(heights)
         ax.bar_label(drawn, labels=labels, fontsize=8, padding=2)
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(xs, [_text(m) for m in metrics], rotation=30, ha="right")

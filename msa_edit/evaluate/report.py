@@ -223,22 +223,22 @@ def _meta(meta: Mapping[str, Any], key: str, code: bool = False) -> str:
 
 
 def metric_group(name: str) -> str:
-    """Which panel a metric belongs to: "nll", "ppl" or "lm-eval".
+    """Which panel a metric belongs to: "nll", "bpb", "ppl" or "lm-eval".
 
-    >>> metric_group("nll/ru"), metric_group("ppl/ru"), metric_group("arc_easy/acc")
-    ('nll', 'ppl', 'lm-eval')
+    >>> metric_group("nll/ru"), metric_group("bpb/ru"), metric_group("arc_easy/acc")
+    ('nll', 'bpb', 'lm-eval')
     """
     head = name.split("/", 1)[0]
-    return head if head in ("nll", "ppl") else "lm-eval"
+    return head if head in ("nll", "bpb", "ppl") else "lm-eval"
 
 
 def _eval_rows(ev: Mapping[str, Any]) -> list[tuple[str, float | None, float | None, float | None]]:
-    """(metric, before, after, delta) for every metric, grouped nll, ppl, lm-eval, file order;
+    """(metric, before, after, delta) for every metric, grouped nll, bpb, ppl, lm-eval, file order;
     None = not in the file, NaN = null there."""
     before, after = _metrics(ev.get("before")), _metrics(ev.get("after"))
     delta = _metrics(ev.get("delta"))
     names = list(dict.fromkeys([*before, *after, *delta]))
-    order = {"nll": 0, "ppl": 1, "lm-eval": 2}
+    order = {"nll": 0, "bpb": 1, "ppl": 2, "lm-eval": 3}
     names.sort(key=lambda n: order[metric_group(n)])
     rows = []
     for n in names:
@@ -519,7 +519,8 @@ def _eval(run_dir: Path, ev: Mapping[str, Any], plan: Mapping[str, Any] | None) 
     if not rows:
         return []
     titles = {
-        "nll": "NLL (nats; + = worse)",
+        "nll": "NLL (nats/token; + = worse)",
+        "bpb": "Bits per byte (comparable across languages; + = worse)",
         "ppl": "Perplexity (+ = worse)",
         "lm-eval": "lm-eval (+ = better)",
     }

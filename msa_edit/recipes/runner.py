@@ -35,7 +35,12 @@ from msa_edit.edit import EditRecord, apply_plan
 from msa_edit.edit.experts import removal_layout
 from msa_edit.edit.tensorfile import read_header
 from msa_edit.errors import MsaEditError
-from msa_edit.evaluate.language import language_nll, read_eval_json, write_eval_json
+from msa_edit.evaluate.language import (
+    language_nll,
+    read_eval_json,
+    selectivity,
+    write_eval_json,
+)
 from msa_edit.export import CardInfo, export_checkpoint, export_model, push_to_hub, update_card
 from msa_edit.fingerprint import (
     Fingerprint,
@@ -52,12 +57,14 @@ from msa_edit.games import (
     PositionNLL,
     RowNLL,
     Targets,
+    resolve_packing,
     text_blocks,
 )
+from msa_edit.gguf import is_gguf, plain_folder
 from msa_edit.lesions import lesioned, scaled, unit_means
 from msa_edit.plan import Plan, make_plan
 from msa_edit.progress import format_duration
-from msa_edit.quantize import checkpoint_shards, load_quantized
+from msa_edit.quantize import checkpoint_shards, load_quantized, require_bitsandbytes
 from msa_edit.recipes.removal import check_feasible, choose_removals
 from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe, load_recipe
 from msa_edit.routing import routing_stats
@@ -110,6 +117,8 @@ def load_model(stage: ModelStage, *, quantized: bool = True, say: Say = say_line
     >>> # loaded = load_model(load_recipe("recipes/demo.yaml").model)
     """
     bits = f", {stage.bits}-bit" if stage.bits and quantized else ""
+    if stage.bits and quantized:
+        require_bitsandbytes()  # before a tiny MoE is trained or a checkpoint read
     say(f"model: {stage.name} ({stage.dtype}{bits})")
     folder = model_source(stage, say)
     check_fits(stage, folder, stage.bits if quantized else None)
@@ -117,12 +126,16 @@ def load_model(stage: ModelStage, *, quantized: bool = True, say: Say = say_line
 
 
 def model_source(stage: ModelStage, say: Say = say_line) -> str:
-    """The recipe model's folder or Hub id (a tiny MoE is built first, or taken from the cache)."""
+    """The recipe model's folder or Hub id (a tiny MoE is built first and a GGUF file made a plain
+    folder first, or either is taken from the cache)."""
     if stage.tiny_moe is not None:
         spec = stage.tiny_moe
         say("model: tiny MoE from its texts (trained on first use, minutes on a CPU; then cached)")
-        return str(build_tiny_moe(spec.texts, steps=spec.steps, seed=spec.seed))
+        config = spec.tiny_moe_config()
+        return str(build_tiny_moe(spec.texts, steps=spec.steps, seed=spec.seed, config=config))
     assert stage.path is not None
+    if is_gguf(stage.path):
+        return str(plain_folder(stage.path))
     return stage.path
 
 
@@ -302,7 +315,9 @@ def load_targets(recipe: Recipe, tokenizer: Any) -> Targets:
     sets = recipe.targets.sets
     return Targets.from_dict(
         {
-            name: text_blocks(tokenizer, s.path, s.n_seq, s.seq_len, split=s.split)
+            name: text_blocks(
+                tokenizer, s.path, s.n_seq, s.seq_len, split=s.split, packing=recipe.targets.packing
+            )
             for name, s in sets.items()
         }
     )
@@ -376,6 +391,7 @@ def game_fingerprint(
         path = Path(spec.path)
         fingerprint |= flatten(spec.model_dump(mode="json", exclude={"path"}), f"targets.{name}")
         fingerprint[f"targets.{name}.text"] = file_digest(path) if path.is_file() else spec.path
+    fingerprint["packing"] = resolve_packing(loaded.tokenizer, recipe.targets.packing)
     fingerprint["objective"] = objective
     fingerprint |= flatten(recipe.lesion.model_dump(mode="json"), "setting.lesion")
     fingerprint["setting.rows_per_forward"] = _estimator(recipe).rows_per_forward
@@ -692,8 +708,7 @@ def _say_records(records: list[EditRecord], say: Say, lesion: str | None = None)
     for r in records:
         say(f"edit: {r.action} on {len(r.units)} units, {r.params_saved:,} parameters removed")
         if lesion is not None and r.matches != lesion:
-            log.warning("edit differs from the analysis: %s", differs(r, lesion))
-            say(f"edit: WARNING: {differs(r, lesion)}")
+            log.warning("edit: WARNING: %s", differs(r, lesion))  # stderr, -q and --log-file
 
 
 def differs(record: EditRecord, lesion: str) -> str | None:
@@ -742,6 +757,7 @@ def metrics(recipe: Recipe, loaded: Loaded, texts: Mapping[str, str]) -> dict[st
     out = language_nll(
         loaded.model, loaded.tokenizer, texts,
         n_seq=stage.n_seq, seq_len=stage.seq_len, batch_size=stage.batch_size,
+        packing=recipe.targets.packing,
     )  # fmt: skip
     if stage.lm_eval_tasks:
         from msa_edit.evaluate.harness import lm_eval_scores
@@ -776,7 +792,7 @@ def evaluate(recipe: Recipe, out: Path, say: Say = say_line) -> dict[str, Any]:
     del base
     after = metrics(recipe, _load_edited(recipe, out, recipe.model.name), texts)
     write_eval_json(out / EVAL_JSON, before, after, candidates)
-    _say_metrics(out, say)
+    _say_metrics(out, say, _specific_target(recipe))
     return read_eval_json(out / EVAL_JSON)
 
 
@@ -803,6 +819,7 @@ def candidate_metrics(
             scores = language_nll(
                 loaded.model, loaded.tokenizer, texts,
                 n_seq=stage.n_seq, seq_len=stage.seq_len, batch_size=stage.batch_size,
+                packing=recipe.targets.packing,
             )  # fmt: skip
         out_metrics[candidate["name"]] = {k: v for k, v in scores.items() if k.startswith("nll/")}
     return out_metrics
@@ -821,7 +838,13 @@ def _lesion(
     return lesioned(model, units, lesion.kind, means=means)  # type: ignore[arg-type]
 
 
-def _say_metrics(out: Path, say: Say) -> None:
+def _specific_target(recipe: Recipe) -> tuple[str, ...]:
+    """The sets a targeted ("specific") plan aims at; empty for compression."""
+    plan = recipe.plan
+    return plan.target if plan is not None and plan.mode == "specific" else ()
+
+
+def _say_metrics(out: Path, say: Say, target: Sequence[str] = ()) -> None:
     record = read_eval_json(out / EVAL_JSON)
     for k, v in record["after"].items():
         if k in record["before"] and not k.startswith("ppl/"):
@@ -829,6 +852,9 @@ def _say_metrics(out: Path, say: Say) -> None:
                 f"evaluate: {k} {record['before'][k]:.4f} -> {v:.4f} "
                 f"({v - record['before'][k]:+.4f})"
             )
+    headline = selectivity(record["delta"], target)
+    if headline is not None:
+        say(f"evaluate: {headline.line()}")
 
 
 # --------------------------------------------------------------------------- export
@@ -919,7 +945,8 @@ def run(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = 
         _check_checkpoint(_checkpoint(recipe, out), len(units), fingerprint)
     texts = eval_texts(recipe, loaded.folder) if recipe.plan is not None else {}
     for source in texts.values():  # a short or missing evaluation text fails before any writing
-        text_blocks(loaded.tokenizer, source, recipe.evaluate.n_seq, recipe.evaluate.seq_len)
+        text_blocks(loaded.tokenizer, source, recipe.evaluate.n_seq, recipe.evaluate.seq_len,
+                    packing=recipe.targets.packing)  # fmt: skip
     if recipe.plan is not None and recipe.evaluate.lm_eval_tasks:
         from msa_edit.evaluate.harness import check_tasks
 
@@ -946,7 +973,7 @@ def run(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = 
         edit(recipe, out, say)
         after = metrics(recipe, _load_edited(recipe, out, recipe.model.name), texts)
         write_eval_json(out / EVAL_JSON, before, after, candidates)
-    _say_metrics(out, say)
+    _say_metrics(out, say, _specific_target(recipe))
     return export(recipe, out, say)
 
 

@@ -34,6 +34,7 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    StrictStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -41,6 +42,7 @@ from pydantic import (
 )
 
 from msa_edit.errors import MsaEditError, short
+from msa_edit.games import Packing
 from msa_edit.lesions import LESION_KINDS
 from msa_edit.plan import MAX_ALPHA, Action, Budget, Method, Mode
 from msa_edit.search import SearchSettings
@@ -85,11 +87,6 @@ class _At(ValueError):
     def __init__(self, path: Sequence[str], message: str) -> None:
         super().__init__(message)
         self.path = tuple(path)
-
-
-def _bitsandbytes_available() -> bool:
-    """Whether `bitsandbytes` can be imported (checked without importing it)."""
-    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _ray_available() -> bool:
@@ -221,23 +218,53 @@ class _Stage(BaseModel):
 
 
 class TinyMoeStage(_Stage):
-    """Build (or reuse from the cache) a tiny Mixtral trained on text files, one per language."""
+    """Build (or reuse from the cache) a tiny Mixtral trained on text files, one per language;
+    `config` sets `msa_edit.tiny_moe.TinyMoeConfig` fields (size, family, training knobs)."""
 
     texts: dict[str, LocalFile]
     steps: PosInt | None = None
     seed: NonNegInt = 0
+    config: dict[str, StrictInt | Finite | StrictStr] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _some_texts(self) -> TinyMoeStage:
         if not self.texts:
             raise _At(("texts",), "give at least one language file, e.g. en: en.txt")
         _check_set_names(list(self.texts), "texts")
+        self.tiny_moe_config()
         return self
+
+    def tiny_moe_config(self) -> Any:
+        """The `TinyMoeConfig` that `config` describes (`steps` and `seed` stay separate keys).
+
+        >>> stage = TinyMoeStage.model_construct(texts={}, config={"layers": 2, "experts": 4})
+        >>> stage.tiny_moe_config().experts, stage.tiny_moe_config().hidden
+        (4, 128)
+        """
+        from dataclasses import fields
+
+        from msa_edit.tiny_moe import TinyMoeConfig
+
+        known = {f.name: f.type for f in fields(TinyMoeConfig)}
+        kinds: dict[str, Any] = {"int": int, "float": (int, float), "str": str}
+        for key, value in self.config.items():
+            if key in ("steps", "seed"):
+                raise _At(("config", key), f"set tiny_moe.{key}, not tiny_moe.config.{key}")
+            if key not in known:
+                names = ", ".join(known)
+                raise _At(("config", key), f"unknown TinyMoeConfig field; known: {names}")
+            if isinstance(value, bool) or not isinstance(value, kinds[str(known[key])]):
+                raise _At(("config", key), f"must be {known[key]}, got {value!r}")
+        try:
+            return TinyMoeConfig(**dict[str, Any](self.config))
+        except MsaEditError as e:
+            raise _At(("config",), str(e)) from None
 
 
 class ModelStage(_Stage):
-    """The model to analyse: a local folder or Hub id (or a tiny MoE built from text), its dtype,
-    optional 4/8-bit loading and accelerate device map."""
+    """The model to analyse: a local folder, a `.gguf` file (made a plain folder once,
+    `msa_edit.gguf`) or Hub id (or a tiny MoE built from text), its dtype, optional 4/8-bit
+    loading and accelerate device map."""
 
     path: str | None = Field(default=None, min_length=1)
     tiny_moe: TinyMoeStage | None = None
@@ -249,16 +276,6 @@ class ModelStage(_Stage):
         description="Run the model repository's own Python code (from_pretrained's "
         "trust_remote_code); only for repositories you trust.",
     )
-
-    @field_validator("bits")
-    @classmethod
-    def _quant_installed(cls, bits: int | None) -> int | None:
-        if bits is not None and not _bitsandbytes_available():
-            raise ValueError(
-                f"{bits}-bit loading needs bitsandbytes, which is not installed; "
-                "pip install -e '.[quant]' in a clone (or pip install bitsandbytes)"
-            )
-        return bits
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelStage:
@@ -286,11 +303,15 @@ class TargetSet(_Stage):
 
 
 class TargetsStage(_Stage):
-    """The behaviours measured: named target sets, which of them to retain, and the objective."""
+    """The behaviours measured: named target sets, which of them to retain, the objective, and
+    how text becomes token blocks for the analysis and the evaluation (`packing`: "documents",
+    each line a document ended by EOS; "text", lines run together; "auto", "text" for chat-tuned
+    tokenizers, see `msa_edit.games.resolve_packing`)."""
 
     sets: dict[str, TargetSet]
     retain: tuple[str, ...] = ()
     objective: Literal["mean_nll", "position_nll"] = "mean_nll"
+    packing: Packing = "auto"
 
     @model_validator(mode="after")
     def _retain_known(self) -> TargetsStage:

@@ -80,13 +80,17 @@ def test_mean_nll_edge_cases() -> None:
 
 def test_language_nll_equals_direct_computation(model, tokenizer, texts) -> None:
     scores = language_nll(model, tokenizer, texts, n_seq=N_SEQ, seq_len=SEQ_LEN, batch_size=3)
-    assert list(scores) == ["nll/en", "ppl/en", "nll/de", "ppl/de"]
+    assert list(scores) == ["nll/en", "ppl/en", "bpb/en", "nll/de", "ppl/de", "bpb/de"]
     for lang, path in texts.items():
         blocks = text_blocks(tokenizer, path, N_SEQ, SEQ_LEN)
         with torch.inference_mode():
-            direct = token_nll(model(blocks).logits, blocks).double().mean().item()
-        assert scores[f"nll/{lang}"] == pytest.approx(direct, abs=1e-6)
+            nll = token_nll(model(blocks).logits, blocks).double()
+        assert scores[f"nll/{lang}"] == pytest.approx(nll.mean().item(), abs=1e-6)
         assert scores[f"ppl/{lang}"] == pytest.approx(math.exp(scores[f"nll/{lang}"]), rel=1e-12)
+        text = [tokenizer.decode(row[1:], skip_special_tokens=True) for row in blocks.tolist()]
+        n_bytes = sum(len(t.encode("utf-8")) for t in text)  # the predicted tokens' text
+        bits = nll.sum().item() / math.log(2) / n_bytes
+        assert scores[f"bpb/{lang}"] == pytest.approx(bits, rel=1e-6)
     assert scores["nll/en"] != scores["nll/de"]
 
 

@@ -3,17 +3,9 @@ machine's core count); the caller's thread count is restored afterwards."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _every_module_on_one_thread(one_thread: None) -> None:
+    """`one_thread` (tests/conftest.py) for every module here."""

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from tiny_models import UD_TEXT, build
 
+from msa_edit import quantize
 from msa_edit.cli import main
-from msa_edit.recipes import schema
 
 Mutation = Callable[[dict[str, Any], Path], None]
 
@@ -124,7 +124,7 @@ def test_malformed_recipe_one_line_no_files(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(schema, "_bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(quantize, "bitsandbytes_available", lambda: False)
     if "arc_eazy" in expected:
         pytest.importorskip("lm_eval")
         from msa_edit.evaluate import harness

@@ -37,3 +37,11 @@ def test_readme_python_blocks_run(tiny_mixtral: Path, tmp_path: Path, monkeypatc
     assert res.values.shape == (8, 3) and res.n_evaluations <= 64
     assert (tmp_path / "run" / "model" / "config.json").is_file()
     assert namespace["result"].n_evaluations <= 60 and len(namespace["result"].units) == 2
+
+
+def test_the_readme_demo_figures_are_the_committed_runs() -> None:
+    """Every figure of the README's demo section comes from `evals/results/demo`'s files (the
+    run `evals/demo_readme.py` made and wrote the section from)."""
+    import demo_readme
+
+    assert demo_readme.readme_body(README.read_text(encoding="utf-8")) == demo_readme.body()

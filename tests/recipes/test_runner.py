@@ -165,7 +165,7 @@ def test_mixtral_language_recipe_runs_unchanged_in_4bit(
     args = ["run", str(REPO / "recipes" / "mixtral_remove_language.yaml"), "--out", str(tmp_path)]
     assert main(args + [a for o in overrides for a in ("--set", o)]) == 0
     record = json.loads((tmp_path / "eval.json").read_text())
-    assert set(record["after"]) == {f"{m}/{lang}" for m in ("nll", "ppl")
+    assert set(record["after"]) == {f"{m}/{lang}" for m in ("nll", "ppl", "bpb")
                                     for lang in ("en", "de", "fr", "es")}  # fmt: skip
     plan = Plan.load(tmp_path / "plan.json")
     assert plan.target == ["fr"] and plan.retain == ["en", "de", "es"] and plan.units
