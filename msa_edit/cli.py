@@ -34,6 +34,7 @@ import argparse
 import importlib.metadata
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -359,10 +360,9 @@ def model_skeleton(model: str) -> nn.Module:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from msa_edit.gguf import is_gguf, plain_folder
+    from msa_edit.gguf import plain_path
 
-    if is_gguf(model):
-        model = str(plain_folder(model))
+    model = plain_path(model)
     local = Path(model).expanduser()
     if model.startswith(("/", ".", "~")) and not local.is_dir():
         raise MsaEditError(f"model folder {local} does not exist; give a model folder or Hub id")
@@ -619,6 +619,9 @@ def _command(args: argparse.Namespace) -> int:
     except MsaEditError as exc:
         print(f"msa-edit: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`msa-edit units M | head`): stop quietly
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as Unix tools exit
     except Exception as exc:
         reason = system_failure(exc)
         if reason is None:
@@ -626,6 +629,15 @@ def _command(args: argparse.Namespace) -> int:
         print(f"msa-edit: error: {reason}", file=sys.stderr)
         return 2
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured)
+        pass
 
 
 def system_failure(exc: BaseException) -> str | None:

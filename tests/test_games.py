@@ -187,6 +187,22 @@ def test_text_blocks_from_json_and_parquet(tmp_path) -> None:
         text_blocks(tokenizer, tmp_path / "bad.jsonl", n_seq=1, seq_len=1)
 
 
+def test_text_blocks_skip_documents_and_pack_running_text(tmp_path) -> None:
+    rows = [f"line {i} of the corpus" for i in range(40)]
+    (tmp_path / "a.txt").write_text("\n".join(rows) + "\n")
+    (tmp_path / "tail.txt").write_text("\n".join(rows[25:]) + "\n")
+    tokenizer = bpe_tokenizer(rows, vocab=80)
+    skipped = text_blocks(tokenizer, tmp_path / "a.txt", n_seq=3, seq_len=8, skip=25)
+    assert torch.equal(skipped, text_blocks(tokenizer, tmp_path / "tail.txt", n_seq=3, seq_len=8))
+    assert tokenizer.decode(skipped[0][:2]) == "line 25"
+    with pytest.raises(MsaEditError, match="after its first 39 documents but 3 blocks"):
+        text_blocks(tokenizer, tmp_path / "a.txt", n_seq=3, seq_len=8, skip=39)
+    running = text_blocks(tokenizer, tmp_path / "a.txt", n_seq=3, seq_len=8, packing="text")
+    assert not (running == tokenizer.eos_token_id).any()  # "text": no EOS between documents
+    documents = text_blocks(tokenizer, tmp_path / "a.txt", n_seq=3, seq_len=8)  # no chat template
+    assert int((documents == tokenizer.eos_token_id).sum()) >= 3
+
+
 def test_targets_must_share_a_length() -> None:
     with pytest.raises(MsaEditError, match="different sequence lengths"):
         Targets.from_dict({"a": torch.zeros(1, 4, dtype=torch.long), "b": torch.zeros(1, 5)})

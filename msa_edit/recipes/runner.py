@@ -60,7 +60,7 @@ from msa_edit.games import (
     resolve_packing,
     text_blocks,
 )
-from msa_edit.gguf import is_gguf, plain_folder
+from msa_edit.gguf import plain_path
 from msa_edit.lesions import lesioned, scaled, unit_means
 from msa_edit.plan import Plan, make_plan
 from msa_edit.progress import format_duration
@@ -134,9 +134,7 @@ def model_source(stage: ModelStage, say: Say = say_line) -> str:
         config = spec.tiny_moe_config()
         return str(build_tiny_moe(spec.texts, steps=spec.steps, seed=spec.seed, config=config))
     assert stage.path is not None
-    if is_gguf(stage.path):
-        return str(plain_folder(stage.path))
-    return stage.path
+    return plain_path(stage.path)
 
 
 def _load(folder: str, stage: ModelStage, bits: int | None, name: str) -> Loaded:
@@ -313,14 +311,14 @@ def _tensor(rows: list[list[float | None]]) -> torch.Tensor:
 def load_targets(recipe: Recipe, tokenizer: Any) -> Targets:
     """Token blocks of every target set (all files are read now, so errors come early)."""
     sets = recipe.targets.sets
-    return Targets.from_dict(
-        {
-            name: text_blocks(
-                tokenizer, s.path, s.n_seq, s.seq_len, split=s.split, packing=recipe.targets.packing
-            )
-            for name, s in sets.items()
-        }
-    )
+    packing = recipe.targets.packing
+    blocks = {
+        name: text_blocks(
+            tokenizer, s.path, s.n_seq, s.seq_len, split=s.split, packing=packing, skip=s.skip
+        )
+        for name, s in sets.items()
+    }
+    return Targets.from_dict(blocks)
 
 
 def lesion_game(
@@ -757,7 +755,7 @@ def metrics(recipe: Recipe, loaded: Loaded, texts: Mapping[str, str]) -> dict[st
     out = language_nll(
         loaded.model, loaded.tokenizer, texts,
         n_seq=stage.n_seq, seq_len=stage.seq_len, batch_size=stage.batch_size,
-        packing=recipe.targets.packing,
+        packing=recipe.targets.packing, skip=stage.skip,
     )  # fmt: skip
     if stage.lm_eval_tasks:
         from msa_edit.evaluate.harness import lm_eval_scores
@@ -819,7 +817,7 @@ def candidate_metrics(
             scores = language_nll(
                 loaded.model, loaded.tokenizer, texts,
                 n_seq=stage.n_seq, seq_len=stage.seq_len, batch_size=stage.batch_size,
-                packing=recipe.targets.packing,
+                packing=recipe.targets.packing, skip=stage.skip,
             )  # fmt: skip
         out_metrics[candidate["name"]] = {k: v for k, v in scores.items() if k.startswith("nll/")}
     return out_metrics
@@ -946,7 +944,7 @@ def run(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = 
     texts = eval_texts(recipe, loaded.folder) if recipe.plan is not None else {}
     for source in texts.values():  # a short or missing evaluation text fails before any writing
         text_blocks(loaded.tokenizer, source, recipe.evaluate.n_seq, recipe.evaluate.seq_len,
-                    packing=recipe.targets.packing)  # fmt: skip
+                    packing=recipe.targets.packing, skip=recipe.evaluate.skip)  # fmt: skip
     if recipe.plan is not None and recipe.evaluate.lm_eval_tasks:
         from msa_edit.evaluate.harness import check_tasks
 

@@ -262,9 +262,9 @@ class TinyMoeStage(_Stage):
 
 
 class ModelStage(_Stage):
-    """The model to analyse: a local folder, a `.gguf` file (made a plain folder once,
-    `msa_edit.gguf`) or Hub id (or a tiny MoE built from text), its dtype, optional 4/8-bit
-    loading and accelerate device map."""
+    """The model to analyse: a local folder, a `.gguf` file or `package:NAME` (the `.gguf` an
+    installed package ships; made a plain folder once, `msa_edit.gguf`), a Hub id, or a tiny MoE
+    built from text; its dtype, optional 4/8-bit loading and accelerate device map."""
 
     path: str | None = Field(default=None, min_length=1)
     tiny_moe: TinyMoeStage | None = None
@@ -294,12 +294,14 @@ class ModelStage(_Stage):
 
 
 class TargetSet(_Stage):
-    """One named target set: `n_seq` blocks of `seq_len` tokens from a data file or Hub id."""
+    """One named target set: `n_seq` blocks of `seq_len` tokens from a data file or Hub id,
+    after its first `skip` documents."""
 
     path: DataSource
     n_seq: PosInt = 24
     seq_len: Annotated[StrictInt, Field(ge=2)] = 64
     split: str = "train"
+    skip: NonNegInt = 0
 
 
 class TargetsStage(_Stage):
@@ -486,11 +488,13 @@ class EditStage(_Stage):
 
 
 class EvaluateStage(_Stage):
-    """Before/after evaluation: per-language NLL/perplexity, optional lm-eval tasks."""
+    """Before/after evaluation: per-language NLL/perplexity/bits per byte on `texts` (after
+    each one's first `skip` documents: text the analysis did not read), optional lm-eval tasks."""
 
     texts: dict[str, DataSource] = Field(default_factory=dict)
     n_seq: PosInt = 24
     seq_len: Annotated[StrictInt, Field(ge=2)] = 64
+    skip: NonNegInt = 0
     batch_size: PosInt = 8
     heldout: StrictBool = False
     lm_eval_tasks: tuple[str, ...] = ()

@@ -131,6 +131,7 @@ MALFORMED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("missing model id", change("model.path", ...), "model.path: give exactly one of"),
     ("unknown stage", change("analysis", {}), "analysis: unknown key"),
     ("bad packing", change("targets.packing", "lines"), "targets.packing: must be"),
+    ("negative skip", change("evaluate.skip", -1), "evaluate.skip: must be greater than or equal"),
     (
         "tiny-moe size key",
         change("model", {"tiny_moe": {"texts": {"en": "en.txt"}, "config": {"layrs": 2}}}),
