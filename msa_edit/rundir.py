@@ -24,6 +24,7 @@ import fcntl
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -105,6 +106,11 @@ def _acquire(out: Path, created: bool) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             holder = _holder(fd)
+            for _ in range(20):  # the holder writes its pid just after it locks: wait for it
+                if holder != UNKNOWN_HOLDER:
+                    break
+                time.sleep(0.01)
+                holder = _holder(fd)
             os.close(fd)
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
@@ -124,6 +130,9 @@ def _acquire(out: Path, created: bool) -> int:
     raise MsaEditError(f"could not lock {path}: it keeps changing; is another run starting?")
 
 
+UNKNOWN_HOLDER = "another process"
+
+
 def _holder(fd: int) -> str:
     """`process PID on HOST` from a held lock file's text."""
     try:
@@ -132,7 +141,7 @@ def _holder(fd: int) -> str:
         text = []
     if len(text) >= 2 and text[0].isdigit():
         return f"process {text[0]} on {text[1][:64]}"
-    return "another process"
+    return UNKNOWN_HOLDER
 
 
 def _remove_if_empty(out: Path) -> None:

@@ -47,17 +47,19 @@ class Sampler(Protocol):
 
 
 def min_budget(method: str, n_players: int) -> int:
-    """Fewest distinct coalitions `method` needs for a first estimate with a standard error.
+    """Fewest distinct coalitions `method` needs for a first estimate with a standard error
+    (the kernel: the 2n + 2 enumerated coalitions and two sampled pairs; with one pair or none
+    its standard error is infinite).
 
     >>> min_budget("permutation", 10), min_budget("kernel", 10), min_budget("exact", 10)
-    (20, 22, 1024)
+    (20, 26, 1024)
     """
     n = n_players
     return {
         "exact": 1 << n if n < 63 else 1 << 62,
         "permutation": min(2 * n, 1 << n),
         "antithetic": min(4 * n - 2, 1 << n),
-        "kernel": min(2 * n + 2, 1 << n),
+        "kernel": min(2 * n + 6, 1 << n),
     }[method]
 
 
@@ -93,6 +95,12 @@ def check_request(n_players: int, method: str = "auto", budget: int | None = Non
     if method not in METHODS:
         raise MsaEditError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     resolved = resolve_method(method, n_players, budget)
+    least = min_budget("permutation", n_players)
+    if method == "auto" and budget is not None and budget < least:
+        raise MsaEditError(
+            f"budget={budget} is too small for {n_players} players: the least any method needs "
+            f"for values with a standard error is {least} distinct coalitions; raise the budget"
+        )
     _check_budget(resolved, n_players, budget)
     return resolved
 
@@ -147,9 +155,10 @@ def _check_budget(method: str, n_players: int, budget: int | None) -> None:
     if budget is not None and budget < need:
         raise MsaEditError(
             f"budget={budget} is too small for method={method!r} with {n_players} players: "
-            "it needs "
-            f"at least {need} distinct coalitions; raise the budget or use method='auto'"
-        )
+            f"it needs at least {need} distinct coalitions; raise the budget"
+            + ("" if method == "permutation" else
+               f", or use method='permutation' (from {min_budget('permutation', n_players)})")
+        )  # fmt: skip
 
 
 def _evaluator(
@@ -219,8 +228,7 @@ def estimate(
     [0.6667, 0.1667, 0.1667]
     """
     _check_args(game, n_players, method, budget, seed, batch_size, tol, topk)
-    resolved = resolve_method(method, n_players, budget)
-    _check_budget(resolved, n_players, budget)
+    resolved = check_request(n_players, method, budget)
     adaptive = tol is not None or topk is not None
     if resolved != "exact" and budget is None and not adaptive:
         budget = default_budget(n_players)

@@ -171,7 +171,7 @@ def test_a_set_on_analyze_is_kept_by_the_later_stages(
 ) -> None:
     path = str(write(tmp_path / "r.yaml", recipe(tiny_mixtral)))
     out = tmp_path / "out"
-    assert main(["analyze", path, "--out", str(out), "--set", "estimator.budget=20"]) == 0
+    assert main(["analyze", path, "--out", str(out), "--set", "estimator.budget=22"]) == 0
     capsys.readouterr()
     assert main(["plan", path, "--out", str(out)]) == 2  # the file says 24: refused, not forgotten
     err = [e for e in capsys.readouterr().err.splitlines() if e.startswith("msa-edit: error")]
@@ -180,7 +180,7 @@ def test_a_set_on_analyze_is_kept_by_the_later_stages(
     for stage in ("plan", "edit", "evaluate", "export"):
         assert main([stage, saved, "--out", str(out)]) == 0, stage
     info = json.loads((out / "model" / "msa_edit.json").read_text())
-    assert info["recipe"]["estimator"]["budget"] == 20 == info["shapley"]["n_evaluations"]
+    assert info["recipe"]["estimator"]["budget"] == 22 == info["shapley"]["n_evaluations"]
 
 
 def test_dry_run_through_the_cli(tiny_mixtral: Path, tmp_path: Path, capsys) -> None:

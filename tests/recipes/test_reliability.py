@@ -269,7 +269,7 @@ def test_two_concurrent_runs_never_mix(tiny_mixtral: Path, tmp_path: Path) -> No
         return
     assert codes == [0, 2], results
     err = next(e for code, e in results if code == 2).strip().splitlines()
-    assert len(err) == 1 and "is in use by process" in err[0]
+    assert len(err) == 1 and "is in use by " in err[0]  # its pid, once the holder wrote it
     assert (out / "model" / "config.json").is_file() and not stale_paths(out)
 
 

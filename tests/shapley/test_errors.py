@@ -7,6 +7,7 @@ import torch
 
 from msa_edit.errors import MsaEditError
 from msa_edit.shapley import CoalitionCache, estimate, interactions
+from msa_edit.shapley.toys import mlp_game
 
 
 def additive(c: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,16 @@ def test_bad_games(game, match: str) -> None:
         ({"budget": 0}, "budget must be a positive int"),
         ({"budget": 100, "method": "exact"}, "needs 2\\^10 = 1024 coalitions but budget=100"),
         ({"budget": 5, "method": "permutation"}, "budget=5 is too small for method='permutation'"),
-        ({"budget": 21, "method": "kernel"}, "needs at least 22 distinct coalitions"),
-        ({"budget": 5}, "budget=5 is too small for method='permutation'"),
+        (
+            {"budget": 25, "method": "kernel"},
+            "needs at least 26 distinct coalitions; raise the "
+            "budget, or use method='permutation' \\(from 20\\)$",
+        ),
+        (
+            {"budget": 5},
+            "budget=5 is too small for 10 players: the least any method needs for "
+            "values with a standard error is 20 distinct coalitions; raise the budget$",
+        ),
         ({"n_players": 25, "method": "exact"}, "limited to 20 players"),
         ({"seed": -1}, "seed must be an int >= 0"),
         ({"batch_size": 0}, "batch_size must be a positive int"),
@@ -81,3 +90,15 @@ def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
     bad.write_text("not a checkpoint")
     with pytest.raises(MsaEditError, match="not a readable msa_edit checkpoint"):
         estimate(never_called, 3, checkpoint=bad, progress=False)
+
+
+@pytest.mark.parametrize("n", [6, 10, 20])
+def test_auto_never_reports_an_infinite_stderr(n: int) -> None:
+    """From the least budget any method takes, `auto` picks one whose first estimate has a
+    finite standard error (the kernel's is infinite until two pairs are sampled: 2n + 6)."""
+    game = mlp_game(n)
+    for budget in range(2 * n, 2 * n + 9):
+        res = estimate(game, n, method="auto", budget=budget, progress=False)
+        assert torch.isfinite(res.stderr).all(), (budget, res.method)
+    kernel = estimate(game, n, method="kernel", budget=2 * n + 6, progress=False)
+    assert torch.isfinite(kernel.stderr).all()
