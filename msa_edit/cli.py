@@ -345,6 +345,9 @@ def run_validate(path: str, overrides: Sequence[str]) -> None:
     )
     if recipe.plan is not None and recipe.plan.method != "shapley":
         analysis += f", plan by {recipe.plan.method}"
+    if recipe.screen is not None:
+        how = f"{' + '.join(recipe.screen.method)} (keep {recipe.screen.keep})"
+        analysis = f"screen {how} for {recipe.screen_target}, {analysis}"
     print(
         f"{path}: valid; model {recipe.model.name}, units {', '.join(recipe.units)}, "
         f"targets {', '.join(recipe.targets.sets)}, {analysis}, stages {', '.join(stages)}"

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,13 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 from msa_edit.atomic import staged_dir, write_json, write_text
 from msa_edit.edit.checkpoint import slice_checkpoint
 from msa_edit.edit.experts import Extra
 from msa_edit.edit.record import EditRecord
 from msa_edit.errors import MsaEditError
-from msa_edit.hub import push_to_hub
+from msa_edit.hub import is_repo_id, push_to_hub
 from msa_edit.units import Unit
 
 if TYPE_CHECKING:
@@ -55,7 +55,6 @@ CARD_NAME = "README.md"
 INFO_NAME = "msa_edit.json"
 BASE_TAGS = ("msa-edit", "shapley", "model-editing")
 SHAPLEY_FIELDS = ("method", "budget", "seed", "n_evaluations", "batch_size")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 @dataclass(frozen=True)
@@ -287,7 +286,7 @@ def _front_matter(text: str) -> dict[str, Any]:
 def render_card(card: CardInfo, *, title: str = "model") -> str:
     """Model card text: Hub YAML front matter, then plan, Shapley, metrics and recipe sections."""
     sections = [
-        _front_matter_block(card),
+        _front_matter_block(card, title),
         f"# {title}\n\n{_intro(card)}",
         _plan_section(card.plan),
         _shapley_section(card.shapley),
@@ -298,26 +297,43 @@ def render_card(card: CardInfo, *, title: str = "model") -> str:
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
-def _front_matter_block(card: CardInfo) -> str:
-    """``---``-fenced YAML metadata for the Hub."""
-    meta: dict[str, Any] = {}
-    if card.base_model and _is_hub_id(card.base_model):
-        meta["base_model"] = card.base_model
-    meta["tags"] = list(dict.fromkeys([*BASE_TAGS, *card.tags]))
-    if card.license:
-        meta["license"] = card.license
-    meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
+def _front_matter_block(card: CardInfo, title: str) -> str:
+    """``---``-fenced YAML metadata for the Hub (`huggingface_hub.ModelCardData`): base model,
+    tags, license, and the edited model's evaluation as model-index results."""
+    results = _eval_results(card.metrics)
+    data = ModelCardData(
+        base_model=card.base_model if card.base_model and is_repo_id(card.base_model) else None,
+        tags=list(dict.fromkeys([*BASE_TAGS, *card.tags])),
+        license=card.license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        model_name=title if results else None,
+        eval_results=results or None,
+    )
+    return "---\n" + data.to_yaml() + "\n---"
 
 
-def _is_hub_id(name: str) -> bool:
-    """Whether ``name`` looks like a Hub repo id (``org/name``) rather than a local path.
+METRIC_TYPES = {"nll": "nll", "ppl": "perplexity", "bpb": "bits_per_byte"}
+"""model-index metric types of msa-edit's per-language metrics (`nll/fr`, `ppl/fr`, `bpb/fr`)."""
 
-    >>> _is_hub_id("mistralai/Mixtral-8x7B-v0.1"), _is_hub_id("/tmp/base"), _is_hub_id("./m")
-    (True, False, False)
-    """
-    return bool(_HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+def _eval_results(metrics: Mapping[str, Mapping[str, float]] | None) -> list[EvalResult]:
+    """The edited model's numbers (eval.json's `after`) as model-index results: per-language
+    metrics on the run's held-out text of that language, lm-eval metrics on their task."""
+    out = []
+    for name, value in ((metrics or {}).get("after") or {}).items():
+        if not isinstance(value, int | float) or not math.isfinite(value) or "/" not in name:
+            continue
+        group, rest = name.split("/", 1)
+        if group in METRIC_TYPES:
+            dataset, metric = f"held-out {rest} text", METRIC_TYPES[group]
+        else:
+            dataset, metric = group, rest
+        out.append(EvalResult(
+            task_type="text-generation", dataset_type=dataset, dataset_name=dataset,
+            metric_type=metric, metric_value=float(value), metric_name=name,
+        ))  # fmt: skip
+    return out
 
 
 def _intro(card: CardInfo) -> str:
@@ -348,7 +364,7 @@ def _plan_section(plan: Mapping[str, Any] | None) -> str:
 def _unit_table(units: list[str], plan: Mapping[str, Any]) -> list[str]:
     """Markdown rows ``unit | score [| scale]`` for the plan's units."""
     scores = plan.get("scores") or {}
-    scales = plan.get("scales") or plan.get("alphas") or {}
+    scales = plan.get("alpha") or {}  # Plan.to_json: {unit: factor} for a scale plan
     header = "| unit | score |" + (" scale |" if scales else "")
     rows = [header, "|---|---:|" + ("---:|" if scales else "")]
     for unit in units:

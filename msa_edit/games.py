@@ -4,8 +4,8 @@
 Each coalition's lesion is applied to its own copy of the target rows inside one batched forward
 (rows are chunked to `max_rows`, so memory stays flat whatever B is); the model is never copied.
 
->>> # game = LesionGame(model, select(model, "layers.*.experts.*"), Targets.from_texts(...),
->>> #                   MeanNLL(), lesion="reroute")
+>>> # targets = Targets.from_dict({"en": text_blocks(tok, "en.txt", 8, 64), "fr": ...})
+>>> # game = LesionGame(model, select(model, "layers.*.experts.*"), targets, MeanNLL(), "reroute")
 >>> # res = estimate(game, game.n_players, budget=2000)   # res.values: [n_experts, n_languages]
 """
 

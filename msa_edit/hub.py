@@ -126,6 +126,20 @@ def push_to_hub(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether `name` is a valid Hub repo id (`name` or `namespace/name`) that is not also an
+    existing local path (a local folder or file wins).
+
+    >>> is_repo_id("mistralai/Mixtral-8x7B-v0.1"), is_repo_id("/tmp/base"), is_repo_id("./m")
+    (True, False, False)
+    """
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).exists()
+
+
 def _check_repo_id(repo_id: str) -> None:
     """Refuse what the Hub would refuse (or read as a path) before any network call."""
     if not isinstance(repo_id, str):

@@ -151,6 +151,22 @@ def lape_select(
     return [Unit(i // width, "neurons", i % width) for i in chosen.tolist()]
 
 
+def lape_ranking(prob: torch.Tensor, languages: Sequence[str], target: str) -> list[Unit]:
+    """Every neuron whose most active language is `target`, most specific first (`lape_select`
+    without a count).
+
+    >>> prob = torch.tensor([[[0.9, 0.1], [0.2, 0.0], [0.5, 0.0], [0.1, 0.8]]])
+    >>> lape_ranking(prob, ["en", "fr"], "fr")
+    [Unit('layers.0.mlp.neurons.3')]
+    """
+    t = _target_column(languages, target, prob.shape[-1])
+    flat = prob.reshape(-1, prob.shape[-1])
+    others = torch.cat([flat[:, :t], flat[:, t + 1 :]], 1)
+    best_other = others.max(1).values if others.shape[1] else torch.zeros(flat.shape[0])
+    own = flat[:, t]
+    return lape_select(prob, languages, target, int(((own > best_other) & (own > 0)).sum()))
+
+
 # -- gradient x activation ----------------------------------------------------------------------
 def gate_attribution(
     model: nn.Module,
@@ -235,6 +251,75 @@ def specific_select(
     selectivity = scores[:, t] - (others.max(1).values if others.shape[1] else 0.0)
     order = torch.argsort(-selectivity, stable=True)[:count]
     return [units[i] for i in order.tolist()]
+
+
+# -- a screen: candidates for the analysis ------------------------------------------------------
+SCREENS = ("lape", "gradient")
+"""Screen methods `screen` knows: LAPE over MLP neurons, gradient x activation over heads and
+neurons."""
+
+
+def screen(
+    model: nn.Module,
+    blocks: Mapping[str, torch.Tensor],
+    units: Sequence[Unit],
+    target: str,
+    methods: Sequence[str],
+    keep: int,
+) -> list[Unit]:
+    """The `keep` units among `units` most specific to `target` by the screens `methods`, which
+    take turns (each adds its most specific unit not yet kept), in the order they were taken.
+
+    `blocks` maps each language (target set) to token ids `[n_seq, seq_len]`. A method that
+    cannot rank some of the units (LAPE: only neurons) ranks the rest.
+    """
+    wanted = set(units)
+    if not 0 < keep <= len(wanted):
+        raise MsaEditError(f"screen keep={keep} but there are {len(wanted)} units; lower keep")
+    unknown = [m for m in methods if m not in SCREENS]
+    if not methods or unknown:
+        raise MsaEditError(f"unknown screen {short(unknown)}; choose from {list(SCREENS)}")
+    languages = list(blocks)
+    _target_column(languages, target, len(languages))
+    kinds = sorted({u.kind for u in wanted})
+    rankings: list[list[Unit]] = []
+    for method in methods:
+        if method == "lape" and kinds != ["neurons"]:
+            raise MsaEditError(
+                f"screen lape ranks MLP neurons only, but the units are {kinds}; use gradient"
+            )
+        if method == "lape":
+            ranked = lape_ranking(activation_probability(model, blocks), languages, target)
+        else:
+            ranked = _gradient_ranking(model, blocks, kinds, target)
+        rankings.append([u for u in ranked if u in wanted])
+    kept: dict[Unit, None] = {}
+    for position in range(max(map(len, rankings))):
+        for ranked in rankings:
+            if position < len(ranked) and len(kept) < keep:
+                kept.setdefault(ranked[position])
+    if len(kept) < keep:
+        raise MsaEditError(
+            f"the screens rank only {len(kept)} of the units as {target!r}-specific (keep="
+            f"{keep}); lower screen.keep or add gradient to screen.method"
+        )
+    return list(kept)
+
+
+def _gradient_ranking(
+    model: nn.Module, blocks: Mapping[str, torch.Tensor], kinds: Sequence[str], target: str
+) -> list[Unit]:
+    """Heads and/or neurons by gradient x activation specificity, most specific first (one
+    ranking across kinds: the scores are first-order loss increases of each)."""
+    found: list[Unit] = []
+    scores = []
+    for kind in kinds:
+        if kind not in _GLOBS:
+            raise MsaEditError(f"screen gradient ranks heads and neurons, not {kind}")
+        units, s = gate_attribution(model, blocks, kind)  # type: ignore[arg-type]
+        found += units
+        scores.append(s)
+    return specific_select(torch.cat(scores), found, list(blocks), target, len(found))
 
 
 # -- helpers ------------------------------------------------------------------------------------

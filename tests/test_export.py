@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from tiny_models import VOCAB, build
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from msa_edit.errors import MsaEditError
 from msa_edit.export import CardInfo, export_model
+from msa_edit.plan import Plan
 
 LINES = [
     "the cat sat on the mat",
@@ -149,3 +151,38 @@ def test_unknown_card_field_is_one_line_error() -> None:
     with pytest.raises(MsaEditError, match="unknown model-card field") as err:
         CardInfo.from_dict({"base_model": "x", "licence": "mit"})
     assert "\n" not in str(err.value)
+
+
+def test_a_scale_plans_factors_reach_the_card(model, tmp_path: Path) -> None:
+    """The card reads the factors where `Plan` writes them (`alpha`)."""
+    plan = Plan(action="scale", units=("layers.0.heads.1",), scores={"layers.0.heads.1": 0.3},
+                target=["ru"], base_model="org/m", alpha={"layers.0.heads.1": 0.25})  # fmt: skip
+    card = CardInfo(base_model="org/m", plan=plan.to_json())
+    text = (export_model(model, None, tmp_path / "m", card=card) / "README.md").read_text()
+    assert "| unit | score | scale |" in text
+    assert "| `layers.0.heads.1` | 0.3 | 0.25 |" in text
+
+
+def test_the_card_is_a_hub_model_card_with_model_index_results(model, tmp_path: Path) -> None:
+    """huggingface_hub reads the card back: metadata, and eval.json's `after` numbers as
+    model-index results (what the Hub shows as the model's evaluation)."""
+    metrics = {
+        "before": {"nll/ru": 2.5, "arc_easy/acc": 0.5},
+        "after": {"nll/ru": 4.0, "ppl/ru": 54.6, "arc_easy/acc": 0.41, "nll/zh": None},
+    }
+    card = CardInfo(base_model="org/tiny-mixtral", license="mit", metrics=metrics)
+    out = export_model(model, None, tmp_path / "m", card=card)
+    parsed = ModelCard.load(out / "README.md")
+    assert parsed.data.base_model == "org/tiny-mixtral" and parsed.data.license == "mit"
+    results = {(r.dataset_type, r.metric_type): r.metric_value for r in parsed.data.eval_results}
+    assert results == {("held-out ru text", "nll"): 4.0, ("held-out ru text", "perplexity"): 54.6,
+                       ("arc_easy", "acc"): 0.41}  # fmt: skip
+    assert parsed.data.model_name == "m"
+
+
+def test_a_local_base_model_is_not_named_as_a_hub_model(model, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    out = export_model(model, None, tmp_path / "m", card=CardInfo(base_model=str(base)))
+    data = ModelCard.load(out / "README.md").data
+    assert data.base_model is None and data.eval_results is None

@@ -1,1 +1,2 @@
-"""Evaluation and reporting: plots of Shapley modes (more to come: perplexity, lm-eval, report)."""
+"""Evaluation and reporting: per-language NLL and bits per byte (language), lm-eval tasks
+(harness), report.md (report) and its plots (plots)."""

@@ -34,6 +34,7 @@ from msa_edit.rundir import (
     PLAN_JSON,
     RECIPE_YAML,
     REPORT_MD,
+    SCREEN_JSON,
     SHAPLEY_JSON,
 )
 from msa_edit.units import KINDS, Kind, Unit
@@ -332,6 +333,35 @@ METHOD_TEXT = {
     "reap": "ranked by REAP saliency (router probability x expert output norm)",
     "frequency": "ranked by how often the router picks each expert",
 }
+
+
+def _levels(
+    screen: Mapping[str, Any] | None, sh: _Shapley | None, plan: Mapping[str, Any] | None
+) -> list[str]:
+    """With a screen: what each level of the narrowing looked at and what it cost."""
+    if not screen:
+        return []
+    methods = " + ".join(md_text(m) for m in _str_list(screen.get("method")))
+    rows = [
+        "| level | units | cost |",
+        "|---|---:|---|",
+        f"| screen ({methods}, for {md_text(screen.get('target'))}) | "
+        f"{md_text(screen.get('from'))} → {len(_str_list(screen.get('units')))} | "
+        f"one pass over {md_text(screen.get('rows'))} calibration rows, "
+        f"{_num(screen.get('seconds')):.1f} s, no coalitions |",
+    ]
+    if sh is not None:
+        rows.append(
+            f"| Shapley analysis | {len(sh.units)} | "
+            f"{_meta(sh.meta, 'n_evaluations')} coalitions |"
+        )
+    search = _mapping((plan or {}).get("search"))
+    if search.get("n_evaluations") is not None:
+        rows.append(
+            f"| verified search | {len(_str_list((plan or {}).get('units')))} removed | "
+            f"{md_text(search['n_evaluations'])} coalitions |"
+        )
+    return ["## Narrowing", "", *rows, ""]
 
 
 def _plan_summary(plan: Mapping[str, Any], ev: Mapping[str, Any] | None) -> list[str]:
@@ -733,6 +763,7 @@ def write_report(run_dir: str | Path, *, title: str | None = None) -> Path:
     name = md_text(model) if model else md_text(run_dir.name)
     heading = " ".join(title.splitlines()) if title else f"MSA report: {name}"
     lines = [f"# {heading}", ""]
+    lines += _levels(_optional_json(run_dir / SCREEN_JSON), sh, plan)
     if sh is not None:
         lines += _summary(sh, plan, ev)
         lines += _heatmaps(run_dir, sh, _parse_units(chosen))

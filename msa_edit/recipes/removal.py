@@ -54,6 +54,7 @@ def choose_removals(
     fingerprint: Mapping[str, Value] | None = None,
     batch_size: int = 8,
     base_model: str = "",
+    ranked: Sequence[Unit] | None = None,
     say: Say = print,
 ) -> Plan:
     """The plan stage for `stage.method` in loo, search, reap, frequency (see `PlanStage`).
@@ -61,7 +62,8 @@ def choose_removals(
     `game(coalitions)` gives one loss per row of `targets` (needed for loo and search);
     `routing` the router statistics of the units (reap, frequency, and the search's priors);
     `shapley` the run's shapley.json record, whose plan becomes one more prior when it covers
-    the same units and targets. `checkpoint` stores the evaluated coalitions with the game's
+    the same units and targets; `ranked` the screen's candidates, most specific first, whose top
+    units become another prior. `checkpoint` stores the evaluated coalitions with the game's
     `fingerprint` (see `estimate`).
     """
     units = list(units)
@@ -91,6 +93,9 @@ def choose_removals(
     )  # fmt: skip
     try:
         priors = _priors(stage, units, quota, target, retain, routing, shapley, layer_sizes)
+        if ranked:
+            rank = {u: r for r, u in enumerate(ranked)}
+            priors["screen"] = quota.lowest([float(rank.get(u, math.inf)) for u in units])
         if stage.method == "loo":
             result = _by_loo(stage, removals, blocks, units, quota, target, retain, layer_sizes)
         elif stage.mode == "least_useful":
@@ -101,6 +106,7 @@ def choose_removals(
             result = search_targeted(
                 removals, blocks, quota, target, retain, priors, stage.search_settings(),
                 retain_bound=stage.retain_bound, z=stage.retain_z,
+                min_selectivity=stage.min_selectivity,
             )  # fmt: skip
     finally:
         removals.close()
@@ -108,9 +114,11 @@ def choose_removals(
         say(line)
     if not result.units:
         raise MsaEditError(
-            f"plan: no removal raises {', '.join(target)} while every retained set stays within "
-            "its bound on both halves of the calibration text; add calibration text (n_seq), "
-            "raise plan.retain_bound or retain_z, or allow more units per layer"
+            f"plan: no removal raises {', '.join(target)} significantly while every retained set "
+            "stays within its bound on both halves of the calibration text; add calibration text "
+            "(n_seq), "
+            "raise plan.retain_bound or retain_z, lower plan.min_selectivity, or allow more units "
+            "per layer"
         )
     values = -result.loo.double()  # a loss increase when removed = how much the unit helps
     score, se = scores(values, result.loo_stderr, targets.names, target, retain, stage.mode)

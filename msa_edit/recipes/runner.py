@@ -61,12 +61,14 @@ from msa_edit.games import (
     text_blocks,
 )
 from msa_edit.gguf import plain_path
+from msa_edit.half_embeddings import store_half
 from msa_edit.lesions import lesioned, scaled, unit_means
 from msa_edit.plan import Plan, make_plan
 from msa_edit.progress import format_duration
 from msa_edit.quantize import checkpoint_shards, load_quantized, require_bitsandbytes
 from msa_edit.recipes.removal import check_feasible, choose_removals
 from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe, load_recipe
+from msa_edit.recipes.screening import read_screen, screened, write_screen
 from msa_edit.routing import routing_stats
 from msa_edit.rundir import (
     CHECKPOINT,
@@ -153,6 +155,8 @@ def _load(folder: str, stage: ModelStage, bits: int | None, name: str) -> Loaded
                 folder, dtype=dtype, device_map=stage.device_map, trust_remote_code=remote
             )
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+        if bits is not None and stage.embeddings == "float16":
+            store_half(model)
     except MsaEditError:
         raise
     except (OSError, ValueError, KeyError) as exc:
@@ -356,11 +360,14 @@ class RecipeGame:
 
     recipe: Recipe
     folder: str
+    units: tuple[str, ...] | None = None
+    """The players when they are not the recipe's units (a screen narrowed them)."""
 
     def build(self) -> LesionGame:
         stage = self.recipe.model
         loaded = _load(self.folder, stage, stage.bits, name=stage.name)
-        units = select(loaded.model, list(self.recipe.units))
+        names = list(self.units or self.recipe.units)
+        units = select(loaded.model, names)
         return lesion_game(
             self.recipe, loaded.model, units, load_targets(self.recipe, loaded.tokenizer)
         )
@@ -434,7 +441,7 @@ def in_run_dir(stage: StageFn) -> StageFn:
     return cast(StageFn, holding)
 
 
-RUN_DEFINING = ("units", "targets", "lesion")
+RUN_DEFINING = ("units", "targets", "screen", "lesion")
 """Recipe sections (besides the model's path) that make a run directory's results what they are."""
 
 
@@ -471,19 +478,21 @@ def analyze(
             "(estimator: {budget: 512}) or run the plan stage, which evaluates its own coalitions"
         )
     loaded = loaded or load_model(recipe.model, say=say)
-    units = select(loaded.model, list(recipe.units))
     targets = load_targets(recipe, loaded.tokenizer)
+    units, screen = screened_units(recipe, loaded, targets, out, say)
     est = recipe.estimator
     check_request(len(units), est.method, est.budget)
     fingerprint = game_fingerprint(recipe, loaded, units, recipe.targets.objective)
     checkpoint = _checkpoint(recipe, out)
     _check_checkpoint(checkpoint, len(units), fingerprint)
     prepare(recipe, out)
+    write_screen(out, screen)
     say(f"analyze: {len(units)} units x {len(targets.names)} target sets ({targets.n_rows} rows)")
     game: LesionGame | RecipeGame
     backend: RayBackend | str
     if est.backend == "ray":
-        game, backend = RecipeGame(recipe, loaded.folder), est.ray_backend()
+        names = tuple(str(u) for u in units) if recipe.screen else None
+        game, backend = RecipeGame(recipe, loaded.folder, names), est.ray_backend()
         say(f"analyze: on Ray, each worker loads {loaded.folder}")
     else:
         game, backend = lesion_game(recipe, loaded.model, units, targets), "local"
@@ -541,6 +550,22 @@ def plan(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None =
     return chosen
 
 
+def screened_units(
+    recipe: Recipe, loaded: Loaded, targets: Targets, out: Path, say: Say
+) -> tuple[list[Unit], dict[str, Any] | None]:
+    """The players of the analysis and the plan: the recipe's units, narrowed by its screen;
+    and the screen's record when it ran now (to be written once the run directory exists)."""
+    units = select(loaded.model, list(recipe.units))
+    kept, record = screened(recipe, loaded.model, units, targets, out)
+    if record is not None:
+        say(
+            f"screen: {' + '.join(record['method'])} kept {len(kept)} of {len(units)} units as "
+            f"{record['target']}-specific ({record['rows']} calibration rows, no coalitions, "
+            f"{record['seconds']:.1f} s)"
+        )
+    return kept, record
+
+
 def _plan_sets(recipe: Recipe, names: list[str]) -> tuple[list[str], list[str]]:
     """The plan's target sets (default: all) and retained sets (default for `specific`: the
     recipe's retain list, else every set that is not a target)."""
@@ -566,8 +591,8 @@ def _plan_without_shapley(recipe: Recipe, out: Path, loaded: Loaded | None, say:
     stage = recipe.plan
     assert stage is not None
     loaded = loaded or load_model(recipe.model, say=say)
-    units = select(loaded.model, list(recipe.units))
     targets = load_targets(recipe, loaded.tokenizer)
+    units, screen = screened_units(recipe, loaded, targets, out, say)
     target, retain = _plan_sets(recipe, list(targets.names))
     sizes = _layer_sizes(loaded.model, units)
     shapley = read_shapley(out) if (out / SHAPLEY_JSON).is_file() else None
@@ -583,12 +608,13 @@ def _plan_without_shapley(recipe: Recipe, out: Path, loaded: Loaded | None, say:
         checkpoint = out / SEARCH_CHECKPOINT
         _check_checkpoint(checkpoint, len(units), fingerprint)
         prepare(recipe, out)
+        write_screen(out, screen)
         game = lesion_game(recipe, loaded.model, units, targets, RowNLL())
         say(f"plan: {stage.method} over {len(units)} units on {targets.n_rows} calibration blocks")
     return choose_removals(
         stage, units, targets, target, retain, game=game, routing=routing, shapley=shapley,
         layer_sizes=sizes, checkpoint=checkpoint, fingerprint=fingerprint,
-        batch_size=est.batch_size,
+        batch_size=est.batch_size, ranked=read_screen(recipe, out, ranked=True),
         base_model=recipe.model.name, say=say,
     )  # fmt: skip
 
@@ -812,7 +838,8 @@ def candidate_metrics(
             continue
         if recipe.lesion.kind == "mean" and means is None:
             ids = load_targets(recipe, loaded.tokenizer).input_ids
-            means = unit_means(loaded.model, select(loaded.model, list(recipe.units)), ids)
+            players = read_screen(recipe, out) or select(loaded.model, list(recipe.units))
+            means = unit_means(loaded.model, players, ids)
         with _lesion(recipe, loaded.model, units, means):
             scores = language_nll(
                 loaded.model, loaded.tokenizer, texts,
@@ -931,12 +958,13 @@ def run(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = 
     """Every stage the recipe has, in one process, on `loaded` (else the recipe's model, loaded
     here); returns the report's path. A model handed over is edited in place."""
     loaded = loaded or load_model(recipe.model, say=say)
-    units = select(loaded.model, list(recipe.units))  # a bad glob fails before anything is written
+    select(loaded.model, list(recipe.units))  # a bad glob fails before anything is written
+    targets = load_targets(recipe, loaded.tokenizer)
+    units, screen = screened_units(recipe, loaded, targets, out, say)
     if recipe.plan is not None:
         sizes = _layer_sizes(loaded.model, units)
         check_feasible(recipe.plan, units, sizes, recipe.estimator is not None)
         check_editable(recipe, loaded.model, units)
-    targets = load_targets(recipe, loaded.tokenizer)
     if recipe.estimator is not None:  # a budget too small or a stale checkpoint: refused now
         check_request(len(units), recipe.estimator.method, recipe.estimator.budget)
         fingerprint = game_fingerprint(recipe, loaded, units, recipe.targets.objective)
@@ -949,6 +977,9 @@ def run(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = 
         from msa_edit.evaluate.harness import check_tasks
 
         check_tasks(recipe.evaluate.lm_eval_tasks, recipe.evaluate.lm_eval_include)
+    if screen is not None:
+        prepare(recipe, out)
+        write_screen(out, screen)
     if recipe.estimator is not None:
         analyze(recipe, out, loaded, say)
     if recipe.plan is None:
@@ -1026,6 +1057,8 @@ def dry_run(recipe: Recipe, say: Say = say_line) -> str:
     loaded = load_model(recipe.model, say=say)
     units = select(loaded.model, list(recipe.units))
     targets = load_targets(recipe, loaded.tokenizer)
+    if recipe.screen is not None:  # its pick is not needed, only its size
+        units = units[: recipe.screen.keep]
     est = _estimator(recipe)
     rows = targets.n_rows
     n_params = sum(p.numel() for p in loaded.model.parameters())

@@ -43,6 +43,7 @@ from pydantic import (
 
 from msa_edit.errors import MsaEditError, short
 from msa_edit.games import Packing
+from msa_edit.hub import is_repo_id
 from msa_edit.lesions import LESION_KINDS
 from msa_edit.plan import MAX_ALPHA, Action, Budget, Method, Mode
 from msa_edit.search import SearchSettings
@@ -69,7 +70,6 @@ __all__ = [
 
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
 """Suffixes of local data files (what `games.text_blocks` reads); other names may be Hub ids."""
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _NUMBER = re.compile(r"^[0-9*?]+$")
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 """A target-set (language) name: it goes into reports, metric names (`nll/<name>`) and files."""
@@ -143,7 +143,7 @@ def _check_data_source(source: str, info: ValidationInfo) -> str:
     looks_local = source.endswith(DATA_SUFFIXES) or source.startswith(("/", ".", "~"))
     if path is not None and _is(path, Path.is_file):
         return str(path)
-    if looks_local or len(source) > MAX_PATH or not _HUB_ID.match(source):
+    if looks_local or len(source) > MAX_PATH or not is_repo_id(source):
         where = _clip(str(path if path is not None else source))
         raise ValueError(f"data file {where} does not exist; fix the path or give a Hub id")
     return source
@@ -186,6 +186,11 @@ def _check_set_names(names: Sequence[str], key: str) -> None:
                 "starting with a letter or digit (it goes into reports, metric names and file "
                 "names); rename it",
             )
+
+
+def _segments(pattern: str) -> int:
+    """How many dotted segments a unit name or glob has (2 layers, 4 experts/heads, 5 neurons)."""
+    return len(pattern.strip().split("."))
 
 
 def _experts_only(pattern: str) -> bool:
@@ -264,18 +269,32 @@ class TinyMoeStage(_Stage):
 class ModelStage(_Stage):
     """The model to analyse: a local folder, a `.gguf` file or `package:NAME` (the `.gguf` an
     installed package ships; made a plain folder once, `msa_edit.gguf`), a Hub id, or a tiny MoE
-    built from text; its dtype, optional 4/8-bit loading and accelerate device map."""
+    built from text; its dtype, optional 4/8-bit loading and accelerate device map.
+    `embeddings: float16` stores the token embeddings and output head of the 4/8-bit load in
+    float16 while it computes in `dtype` (`msa_edit.half_embeddings`: bitsandbytes leaves them
+    unquantised, and on a small dense model they are most of a 4-bit footprint)."""
 
     path: str | None = Field(default=None, min_length=1)
     tiny_moe: TinyMoeStage | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     bits: Literal[4, 8] | None = None
+    embeddings: Literal["float16"] | None = None
     device_map: str | None = None
     trust_remote_code: StrictBool = Field(
         default=False,
         description="Run the model repository's own Python code (from_pretrained's "
         "trust_remote_code); only for repositories you trust.",
     )
+
+    @model_validator(mode="after")
+    def _half_embeddings_with_bits(self) -> ModelStage:
+        if self.embeddings is not None and self.bits is None:
+            raise _At(
+                ("embeddings",),
+                "only used with bits: 4 or 8 (the quantised load; edits and exports keep the "
+                "full-precision embeddings)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelStage:
@@ -348,6 +367,30 @@ class LesionStage(_Stage):
         return self
 
 
+class ScreenStage(_Stage):
+    """A cheap screen that narrows `units` to the `keep` most `target`-specific candidates
+    before the analysis or the plan (`msa_edit.screens.screen`: `lape` over MLP neurons,
+    `gradient` x activation over heads and neurons; several methods take turns). It reads the
+    target sets' calibration blocks once (forwards, no coalitions); screen.json keeps its pick."""
+
+    method: tuple[Literal["lape", "gradient"], ...] = ("gradient",)
+    keep: PosInt
+    target: str | None = None
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_as_list(cls, value: Any) -> Any:
+        """Accept one method as a one-item list."""
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("method")
+    @classmethod
+    def _some_method(cls, method: tuple[str, ...]) -> tuple[str, ...]:
+        if not method:
+            raise ValueError("give at least one screen method: lape or gradient")
+        return method
+
+
 class EstimatorStage(_Stage):
     """Arguments of `msa_edit.shapley.estimate` (see its docstring).
 
@@ -411,7 +454,8 @@ class PlanStage(_Stage):
     greedy rounds that evaluate removal sets with the game (`msa_edit.search`; `coalitions`,
     `rounds`, `width`, `swaps` are its knobs); `reap` and `frequency` by the router's statistics
     (experts, `least_useful` only). For `specific` searches a retained set may rise by at most
-    `retain_bound` nats, or by default `retain_z` standard errors of its own increase.
+    `retain_bound` nats, or by default `retain_z` standard errors of its own increase; with
+    `min_selectivity` r also at most the target's increase / r.
     """
 
     action: Action = "remove"
@@ -430,6 +474,7 @@ class PlanStage(_Stage):
     swaps: NonNegInt = 0
     retain_bound: NonNegFinite | None = None
     retain_z: PosFinite = 2.0
+    min_selectivity: PosFinite | None = None
 
     @model_validator(mode="after")
     def _has_budget(self) -> PlanStage:
@@ -447,7 +492,9 @@ class PlanStage(_Stage):
                 f"{self.method} is a compression score: use it with mode least_useful "
                 "(for targeted removal use method search or shapley)",
             )
-        searching = ("coalitions", "rounds", "width", "swaps", "retain_bound", "retain_z")
+        searching = (
+            "coalitions", "rounds", "width", "swaps", "retain_bound", "retain_z", "min_selectivity"
+        )  # fmt: skip
         if self.method not in ("loo", "search"):
             for key in searching:
                 if getattr(self, key) != type(self).model_fields[key].default:
@@ -576,6 +623,7 @@ class Recipe(_Stage):
     model: ModelStage
     units: tuple[UnitPattern, ...]
     targets: TargetsStage
+    screen: ScreenStage | None = None
     estimator: EstimatorStage | None = None
     lesion: LesionStage = LesionStage()
     plan: PlanStage | None = None
@@ -621,12 +669,40 @@ class Recipe(_Stage):
                         ("plan", "method"),
                         f"{self.plan.method} scores experts only but units.{i} is {pattern!r}",
                     )
+        if self.screen is not None:
+            self._check_screen(self.screen)
         if self.plan is not None:
             for key in ("target", "retain"):
                 for i, name in enumerate(getattr(self.plan, key) or ()):
                     if name not in self.targets.sets:
                         raise _At(("plan", key, str(i)), _unknown_set(name, self.targets.sets))
         return self
+
+    @property
+    def screen_target(self) -> str | None:
+        """The target set the screen ranks units for: its own, else the plan's only target."""
+        if self.screen is None or self.screen.target is not None:
+            return self.screen.target if self.screen else None
+        target = self.plan.target if self.plan is not None else ()
+        return target[0] if len(target) == 1 else None
+
+    def _check_screen(self, screen: ScreenStage) -> None:
+        target = self.screen_target
+        if target is None:
+            raise _At(("screen", "target"), "give the set the screen ranks units for, e.g. fr")
+        if target not in self.targets.sets:
+            raise _At(("screen", "target"), _unknown_set(target, self.targets.sets))
+        if len(self.targets.sets) < 2:
+            raise _At(("screen",), "a screen ranks specificity: give two or more target sets")
+        if "lape" in screen.method:
+            for i, pattern in enumerate(self.units):
+                if _segments(pattern) != 5:
+                    raise _At(
+                        ("screen", "method"),
+                        f"lape ranks MLP neurons only but units.{i} is {pattern!r}; use gradient",
+                    )
+        elif any(_segments(p) not in (4, 5) or _experts_only(p) for p in self.units):
+            raise _At(("screen", "method"), "gradient ranks heads and neurons only")
 
     def to_yaml(self) -> str:
         """The recipe as YAML that `load_recipe` reads back to an equal `Recipe`."""

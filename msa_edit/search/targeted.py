@@ -2,7 +2,9 @@
 its bound — verified by evaluating the removal itself, not only ranked by selectivity.
 
 A retained set's bound is `retain_bound` nats, or (by default) `z` standard errors of that set's
-own loss increase over its blocks: the removal may not raise it *detectably*. Steps:
+own loss increase over its blocks: the removal may not raise it *detectably*. With
+`min_selectivity` r, every retained set may also rise by at most the target's increase / r on each
+half (both bounds hold when both are given). Steps:
 
 1. leave-one-out (n + 1 coalitions) gives each unit's specificity: its target increase minus the
    largest retained increase;
@@ -12,7 +14,8 @@ own loss increase over its blocks: the removal may not raise it *detectably*. St
    paired standard error; otherwise the search stops;
 3. the check half verifies: the search's candidate is its longest prefix within every bound on
    both halves, and it competes with the priors (e.g. the Shapley plan's units) on the check
-   half's target increase among the candidates that respect every bound.
+   half's target increase among the candidates that respect every bound and whose check-half
+   target increase is `z` standard errors above zero (else nothing is chosen).
 """
 
 from __future__ import annotations
@@ -33,12 +36,19 @@ class _Bounds:
     """Whether removals keep every retained set within its bound, per half."""
 
     def __init__(
-        self, blocks: Blocks, retain: Sequence[str], bound: float | None, z: float
+        self,
+        gain: TargetMean,
+        retain: Sequence[str],
+        bound: float | None,
+        z: float,
+        ratio: float | None = None,
     ) -> None:
-        self.blocks = blocks
-        self.sets = blocks.columns(retain)
+        self.blocks = gain.blocks
+        self.gain = gain
+        self.sets = self.blocks.columns(retain)
         self.bound = bound
         self.z = z
+        self.ratio = ratio
 
     def worst(self, delta: torch.Tensor, half: Half) -> torch.Tensor:
         """The largest retained increase `[R]` (0 when nothing is retained)."""
@@ -52,8 +62,16 @@ class _Bounds:
         if not self.sets:
             return torch.ones(delta.shape[0], dtype=torch.bool)
         mean, se = self.blocks.per_set(delta, half)
-        limit = se * self.z if self.bound is None else torch.full_like(se, self.bound)
-        return (mean[:, self.sets] <= limit[:, self.sets]).all(1)
+        mean = mean[:, self.sets]
+        if self.bound is not None:
+            ok = (mean <= self.bound).all(1)
+        elif self.ratio is None:
+            ok = (mean <= se[:, self.sets] * self.z).all(1)
+        else:
+            ok = torch.ones(delta.shape[0], dtype=torch.bool)
+        if self.ratio is not None:
+            ok &= (mean * self.ratio <= self.gain(delta, half)[:, None]).all(1)
+        return ok
 
     def everywhere(self, delta: torch.Tensor) -> bool:
         return bool(self.within(delta[None], "search")[0] and self.within(delta[None], "check")[0])
@@ -70,6 +88,7 @@ def search_targeted(
     *,
     retain_bound: float | None = None,
     z: float = 2.0,
+    min_selectivity: float | None = None,
 ) -> SearchResult:
     """At most `quota` units whose removal raises `target` most within the retained bounds.
 
@@ -80,9 +99,11 @@ def search_targeted(
         raise MsaEditError(f"retain_bound must be a number >= 0 (nats), got {retain_bound}")
     if not z > 0:
         raise MsaEditError(f"the retain bound's z must be > 0, got {z}")
+    if min_selectivity is not None and not min_selectivity > 0:
+        raise MsaEditError(f"min_selectivity must be a number > 0, got {min_selectivity}")
     settings = settings or SearchSettings()
     gain = TargetMean(blocks, target)
-    bounds = _Bounds(blocks, retain, retain_bound, z)
+    bounds = _Bounds(gain, retain, retain_bound, z, min_selectivity)
     loo = leave_one_out(removals, len(quota.units))
     estimate = (gain(loo) - bounds.worst(loo, "search")).tolist()
     removed: frozenset[int] = frozenset()
@@ -138,8 +159,11 @@ def _choose(
     loo: torch.Tensor,
     trace: list[dict[str, Any]],
 ) -> SearchResult:
-    """Measure the candidates; the largest check-half target increase within every bound wins."""
+    """Measure the candidates; the largest check-half target increase within every bound wins,
+    if it is significant there (`z` standard errors over the check half's blocks)."""
     candidates = measure(removals, gain, quota, sets, bounds.everywhere)
-    fit = [c for c in candidates if c.feasible and c.check > 0]
+    mean, se = gain.blocks.mean_se(removals(list(sets.values())), gain.sets, "check")
+    confirmed = (mean > 0) & (mean > bounds.z * se)  # the cached coalitions: nothing new is spent
+    fit = [c for c, ok in zip(candidates, confirmed.tolist(), strict=True) if c.feasible and ok]
     chosen = max(fit, key=lambda c: c.check).name if fit else None  # ties: the first listed
     return result(removals, gain.blocks, quota, sets, candidates, chosen, loo, trace)

@@ -19,6 +19,8 @@ from math import comb
 import numpy as np
 import torch
 
+from msa_edit.shapley.intervals import t_factor
+
 
 def size_weights(n_players: int) -> torch.Tensor:
     """Total kernel weight W[s] = (n-1)/(s(n-s)) of each coalition size s (0 for s = 0, n)."""
@@ -163,20 +165,33 @@ class KernelSampler:
     def _stderr(
         self, phi: torch.Tensor, c: torch.Tensor, z: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
-        """Delta method: phi moves by C (db - dA phi); each pair contributes w/2 C (z r + z' r')."""
+        """Jackknife over the sampled pairs: phi without pair i is exact by the Woodbury identity
+        (the pair adds w/2m (z z' + z^c z^c') to A), phi_(-i) - phi = -w/2m C U (I - H_i)^-1 r_i
+        with U = [z, z^c], H_i = w/2m U'CU and r_i its residuals. Dividing by I - H_i is what the
+        plain delta method leaves out: when a few pairs decide many players' values, their
+        residuals are small only because the fit passes through them. A pair the fit cannot do
+        without (H_i singular) makes every stderr infinite: the values are not estimable yet.
+        Scaled by `t_factor(m - 1)` so that ±1.96 stderr is a 95 % interval with m pairs."""
         m = z.shape[0]
         zc = 1.0 - z
         r = y[:, 0] - z @ phi  # [m, D] residual of S
         rc = y[:, 1] - zc @ phi  # residual of the complement
         cz, czc = z @ c, zc @ c  # [m, n] (C symmetric)
-        half_w = self.open_weight / 2
+        s = self.open_weight / (2 * m)
+        h11, h12, h22 = s * (cz * z).sum(1), s * (cz * zc).sum(1), s * (czc * zc).sum(1)
+        det = (1 - h11) * (1 - h22) - h12 * h12
+        if not bool((det > 1e-9).all()):
+            return torch.full_like(phi, float("inf"))
+        r_out = (((1 - h22) / det)[:, None] * r + (h12 / det)[:, None] * rc) * s
+        rc_out = ((h12 / det)[:, None] * r + ((1 - h11) / det)[:, None] * rc) * s
 
-        def influence(rows: slice) -> torch.Tensor:  # [k, n, D]
-            return half_w * (
-                cz[rows, :, None] * r[rows, None, :] + czc[rows, :, None] * rc[rows, None, :]
+        def change(rows: slice) -> torch.Tensor:  # [k, n, D]: phi - phi_(-i)
+            return (
+                cz[rows, :, None] * r_out[rows, None, :]
+                + czc[rows, :, None] * rc_out[rows, None, :]
             )
 
         chunk = max(1, (1 << 22) // max(1, phi.numel()))
-        mean = sum(influence(slice(s, s + chunk)).sum(0) for s in range(0, m, chunk)) / m
-        sq = sum(((influence(slice(s, s + chunk)) - mean) ** 2).sum(0) for s in range(0, m, chunk))
-        return (torch.as_tensor(sq) / (m - 1) / m).sqrt()
+        mean = sum(change(slice(i, i + chunk)).sum(0) for i in range(0, m, chunk)) / m
+        sq = sum(((change(slice(i, i + chunk)) - mean) ** 2).sum(0) for i in range(0, m, chunk))
+        return (torch.as_tensor(sq) * (m - 1) / m).sqrt() * t_factor(m - 1)

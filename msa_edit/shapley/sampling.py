@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from msa_edit.shapley.intervals import t_factor
+
 
 def sample_permutations(n_players: int, count: int, seed: int) -> np.ndarray:
     """The first `count` orders `int [count, n]` that seed `seed` gives the permutation samplers.
@@ -57,11 +59,12 @@ class RunningMoments:
         self.count = total
 
     def stderr(self) -> torch.Tensor:
-        """Standard error of the mean; inf with fewer than two samples."""
+        """Standard error of the mean, scaled so that ±1.96 stderr is a 95 % interval with
+        `count - 1` degrees of freedom (`intervals.t_factor`); inf with fewer than two samples."""
         assert self.m2 is not None
         if self.count < 2:
             return torch.full_like(self.m2, float("inf"))
-        return (self.m2 / (self.count - 1) / self.count).sqrt()
+        return (self.m2 / (self.count - 1) / self.count).sqrt() * t_factor(self.count - 1)
 
 
 class PermutationSampler:

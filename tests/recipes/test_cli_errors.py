@@ -177,7 +177,9 @@ def test_missing_recipe_file(tmp_path: Path, capsys) -> None:
     ]
 
 
-@pytest.mark.parametrize("name", ["demo", "mixtral_compress", "mixtral_remove_language"])
+@pytest.mark.parametrize(
+    "name", ["demo", "mixtral_compress", "mixtral_remove_language", "smollm2_french_neurons"]
+)
 def test_shipped_recipes_validate(name: str, capsys) -> None:
     path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml"
     assert main(["validate", str(path)]) == 0

@@ -152,14 +152,24 @@ def test_routing_plans_take_the_lowest_scores(tiny_mixtral: Path, tmp_path, meth
     assert "## Candidates" not in (out / "report.md").read_text()
 
 
-def test_targeted_search_verifies_the_retain_bound(tiny_mixtral: Path, tmp_path) -> None:
+def test_targeted_search_refuses_what_the_check_half_does_not_confirm(
+    tiny_mixtral: Path, tmp_path, capsys
+) -> None:
+    """The tiny Mixtral (60 training steps) has no zh-specific expert: the search's best removal
+    stays within the retain bound and raises zh on the search half, but not significantly on the
+    check half, so the plan is refused in one line and nothing is edited (on held-out text that
+    removal raises ru, not zh: it was noise)."""
     data = recipe(tiny_mixtral, mode="specific", target=["zh"], per_layer=1, retain_bound=0.5)
-    out = run(tmp_path, data | {"edit": {"extra": "zero"}})  # layers may lose 0 or 1
-    plan = Plan.load(out / "plan.json")
-    assert plan.retain == ["en", "ru"] and plan.units
-    chosen = next(c for c in plan.search["candidates"] if c["name"] == plan.search["chosen"])
-    assert chosen["feasible"] and chosen["check"] > 0
-    assert max(chosen["per_set"]["en"], chosen["per_set"]["ru"]) <= 0.5
+    path = tmp_path / "zh.yaml"
+    path.write_text(yaml.safe_dump(data | {"edit": {"extra": "zero"}}), encoding="utf-8")
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert "plan: candidate search:" in captured.out and "within bounds" in captured.out
+    assert "plan: chose none" in captured.out
+    err = captured.err.strip().splitlines()
+    assert err[-1].startswith("msa-edit: error: plan: no removal raises zh significantly")
+    assert not (tmp_path / "out" / "plan.json").exists()
+    assert not (tmp_path / "out" / "model").exists()
 
 
 def test_recipes_without_shapley_validate(tiny_mixtral: Path, tmp_path) -> None:

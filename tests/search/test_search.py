@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -209,6 +210,32 @@ def test_targeted_search_respects_the_retain_bound_that_shapley_plans_break() ->
     assert float(TARGET_COST[list(chosen)].sum()) == pytest.approx(
         float(TARGET_COST[list(best)].sum())
     )
+
+
+@pytest.mark.parametrize("ratio", [5.0, 10.0, 30.0, 50.0])
+def test_a_selectivity_bound_keeps_the_best_set_of_at_least_that_selectivity(ratio: float) -> None:
+    blocks = Blocks.split(("t", "r"), torch.arange(16) // 8)
+    quota = Quota.from_budget(TARGET_UNITS, Budget(per_layer=2))
+    removals = Removals(targeted, 6, progress=False)
+    result = search_targeted(removals, blocks, quota, ["t"], ["r"], min_selectivity=ratio)
+    chosen = [TARGET_UNITS.index(u) for u in result.units]
+
+    def cost(s: Sequence[int]) -> tuple[float, float]:
+        return float(TARGET_COST[list(s)].sum()), float(RETAIN_COST[list(s)].sum()) + 0.3 * (
+            1 in s and 2 in s
+        )
+
+    feasible = [
+        s
+        for n in range(1, 5)
+        for s in itertools.combinations(range(6), n)
+        if sum(i < 3 for i in s) <= 2 and sum(i >= 3 for i in s) <= 2
+        and cost(s)[1] * ratio <= cost(s)[0]
+    ]  # fmt: skip
+    best = max(cost(s)[0] for s in feasible)
+    target, retained = cost(chosen)
+    assert target == pytest.approx(best) and retained * ratio <= target
+    assert best == (0.45 if ratio <= 45 else 0.05)  # {1, 3} is 45x selective, {3} infinitely
 
 
 def test_targeted_search_says_none_when_nothing_fits() -> None:
