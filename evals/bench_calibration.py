@@ -35,29 +35,12 @@ from benchlib import markdown, save_results
 
 from msa_edit.shapley import Game, estimate
 from msa_edit.shapley.estimate import min_budget
-from msa_edit.shapley.toys import mlp_game, unanimity_game
+from msa_edit.shapley.toys import layered_game, mlp_game
 
 METHODS = ("kernel", "permutation")
 MULTIPLES = (1.0, 1.5, 2.0, 5.0, 20.0)
 QUICK_MULTIPLES = (1.0, 5.0)
 Z_95 = 1.96
-
-
-def layered_game(n_layers: int = 20, width: int = 10, seed: int = 0) -> tuple[Game, torch.Tensor]:
-    """A unanimity game with carriers inside layers, and its exact Shapley values `[n]`."""
-    g = torch.Generator().manual_seed(seed)
-    n = n_layers * width
-    carriers = []
-    for _ in range(3 * n):
-        layer = int(torch.randint(0, n_layers, (1,), generator=g))
-        size = int(torch.randint(1, 4, (1,), generator=g))
-        members = layer * width + torch.randint(0, width, (size,), generator=g)
-        carriers.append(sorted(set(members.tolist())))
-    coefficients = torch.randn(len(carriers), generator=g, dtype=torch.float64)
-    exact = torch.zeros(n, dtype=torch.float64)
-    for members, a in zip(carriers, coefficients, strict=True):
-        exact[members] += a / len(members)
-    return unanimity_game(carriers, coefficients), exact
 
 
 def exact(game: Game, n: int) -> torch.Tensor:

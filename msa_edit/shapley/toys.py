@@ -63,6 +63,33 @@ def unanimity_game(carriers: Sequence[Sequence[int]], coefficients: torch.Tensor
     return game
 
 
+def layered_game(
+    n_layers: int = 20, width: int = 10, seed: int = 0
+) -> tuple[Game, torch.Tensor]:
+    """A model-like unanimity game and its exact Shapley values `[n]`: `n_layers` x `width`
+    players, 3n random carriers of 1-3 players inside one layer each with standard-normal
+    weights — strong interactions within a layer, none across.
+
+    >>> game, values = layered_game(n_layers=2, width=3)
+    >>> everyone = torch.ones(1, 6, dtype=torch.bool)
+    >>> bool(torch.isclose(game(everyone)[0] - game(~everyone)[0], values.sum()))
+    True
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = n_layers * width
+    carriers = []
+    for _ in range(3 * n):
+        layer = int(torch.randint(0, n_layers, (1,), generator=g))
+        size = int(torch.randint(1, 4, (1,), generator=g))
+        members = layer * width + torch.randint(0, width, (size,), generator=g)
+        carriers.append(sorted(set(members.tolist())))
+    coefficients = torch.randn(len(carriers), generator=g, dtype=torch.float64)
+    values = torch.zeros(n, dtype=torch.float64)
+    for members, a in zip(carriers, coefficients, strict=True):
+        values[members] += a / len(members)
+    return unanimity_game(carriers, coefficients), values
+
+
 def mlp_game(n_hidden: int = 10, seed: int = 0, per_class: bool = False) -> Game:
     """A one-hidden-layer MLP trained (deterministically) on a synthetic 3-class task.
 
