@@ -352,8 +352,7 @@ def _levels(
     ]
     if sh is not None:
         rows.append(
-            f"| Shapley analysis | {len(sh.units)} | "
-            f"{_meta(sh.meta, 'n_evaluations')} coalitions |"
+            f"| Shapley analysis | {len(sh.units)} | {_meta(sh.meta, 'n_evaluations')} coalitions |"
         )
     search = _mapping((plan or {}).get("search"))
     if search.get("n_evaluations") is not None:

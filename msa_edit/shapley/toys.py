@@ -63,9 +63,7 @@ def unanimity_game(carriers: Sequence[Sequence[int]], coefficients: torch.Tensor
     return game
 
 
-def layered_game(
-    n_layers: int = 20, width: int = 10, seed: int = 0
-) -> tuple[Game, torch.Tensor]:
+def layered_game(n_layers: int = 20, width: int = 10, seed: int = 0) -> tuple[Game, torch.Tensor]:
     """A model-like unanimity game and its exact Shapley values `[n]`: `n_layers` x `width`
     players, 3n random carriers of 1-3 players inside one layer each with standard-normal
     weights — strong interactions within a layer, none across.
