@@ -69,6 +69,7 @@ from msa_edit.screens import (
 )
 from msa_edit.search import Blocks, Quota, Removals, search_targeted
 from msa_edit.shapley import estimate
+from msa_edit.shapley.estimate import min_budget
 from msa_edit.units import Unit
 
 LANGS = ("en", "de", "fr", "es")
@@ -151,7 +152,7 @@ def compare(
     """Screens, then msa_edit over their candidates, then every pick's held-out change."""
     methods, n_cand, k, budget = KINDS[kind]
     if quick:
-        budget = 2 * n_cand + 6  # the kernel estimator's least
+        budget = min_budget("kernel", n_cand)  # the kernel estimator's least
     seconds = {}
     start = time.perf_counter()
     units, grad = gate_attribution(model, calib, kind)

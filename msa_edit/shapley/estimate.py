@@ -12,7 +12,7 @@ from msa_edit.errors import MsaEditError
 from msa_edit.fingerprint import Value
 from msa_edit.shapley.cache import BatchPool, CoalitionCache, Game, GameSpec, as_rows, pack_keys
 from msa_edit.shapley.exact import CHUNK, EXACT_MAX_PLAYERS, accumulate_exact, all_coalitions
-from msa_edit.shapley.kernel import KernelSampler
+from msa_edit.shapley.kernel import KernelSampler, min_pairs
 from msa_edit.shapley.ray_backend import RayBackend, RayPool
 from msa_edit.shapley.result import ShapleyResult, TracePoint
 from msa_edit.shapley.sampling import PermutationSampler
@@ -47,19 +47,19 @@ class Sampler(Protocol):
 
 
 def min_budget(method: str, n_players: int) -> int:
-    """Fewest distinct coalitions `method` needs for a first estimate with a standard error
-    (the kernel: the 2n + 2 enumerated coalitions and two sampled pairs; with one pair or none
-    its standard error is infinite).
+    """Fewest distinct coalitions `method` needs for a first estimate with a finite standard error
+    (the kernel: the 2n + 2 enumerated coalitions and `kernel.min_pairs(n)` = ceil(n / 2) sampled
+    pairs; with fewer its standard error is infinite).
 
     >>> min_budget("permutation", 10), min_budget("kernel", 10), min_budget("exact", 10)
-    (20, 26, 1024)
+    (20, 32, 1024)
     """
     n = n_players
     return {
         "exact": 1 << n if n < 63 else 1 << 62,
         "permutation": min(2 * n, 1 << n),
         "antithetic": min(4 * n - 2, 1 << n),
-        "kernel": min(2 * n + 6, 1 << n),
+        "kernel": min(2 * n + 2 + 2 * min_pairs(n), 1 << n),
     }[method]
 
 

@@ -30,7 +30,7 @@ def recipe(model: Path, **stages: Any) -> dict[str, Any]:
         "model": {"path": str(model)},
         "units": "layers.*.experts.*",
         "targets": {"sets": sets},
-        "estimator": {"budget": 24},
+        "estimator": {"budget": 28},
         "plan": {"mode": "least_useful", "target": ["ru"], "per_layer": 1},
         "evaluate": {"n_seq": 2, "seq_len": 16},
     }
@@ -61,7 +61,7 @@ def test_the_api_runs_a_dict_recipe_on_a_model_in_memory(tiny_mixtral: Path, tmp
                          tokenizer=tokenizer)  # fmt: skip
     result = msa_edit.analyze(recipe(tiny_mixtral), out=tmp_path / "c", model=other,
                               tokenizer=tokenizer)  # fmt: skip
-    assert result.values.shape == (8, 2) and result.n_evaluations <= 24
+    assert result.values.shape == (8, 2) and result.n_evaluations <= 28
 
 
 def test_dry_run_counts_and_writes_nothing(tiny_mixtral: Path, tmp_path: Path) -> None:
@@ -171,20 +171,20 @@ def test_a_set_on_analyze_is_kept_by_the_later_stages(
 ) -> None:
     path = str(write(tmp_path / "r.yaml", recipe(tiny_mixtral)))
     out = tmp_path / "out"
-    assert main(["analyze", path, "--out", str(out), "--set", "estimator.budget=22"]) == 0
+    assert main(["analyze", path, "--out", str(out), "--set", "estimator.budget=26"]) == 0
     capsys.readouterr()
-    assert main(["plan", path, "--out", str(out)]) == 2  # the file says 24: refused, not forgotten
+    assert main(["plan", path, "--out", str(out)]) == 2  # the file says 28: refused, not forgotten
     err = [e for e in capsys.readouterr().err.splitlines() if e.startswith("msa-edit: error")]
     assert len(err) == 1 and "in estimator.budget" in err[0] and "recipe.yaml" in err[0]
     saved = str(out / "recipe.yaml")
     for stage in ("plan", "edit", "evaluate", "export"):
         assert main([stage, saved, "--out", str(out)]) == 0, stage
     info = json.loads((out / "model" / "msa_edit.json").read_text())
-    assert info["recipe"]["estimator"]["budget"] == 22 == info["shapley"]["n_evaluations"]
+    assert info["recipe"]["estimator"]["budget"] == 26 == info["shapley"]["n_evaluations"]
 
 
 def test_dry_run_through_the_cli(tiny_mixtral: Path, tmp_path: Path, capsys) -> None:
     path = str(write(tmp_path / "r.yaml", recipe(tiny_mixtral)))
     assert main(["run", path, "--out", str(tmp_path / "out"), "--dry-run"]) == 0
-    assert "analysis (kernel): 24 coalitions x 4 rows" in capsys.readouterr().out
+    assert "analysis (kernel): 28 coalitions x 4 rows" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()

@@ -28,7 +28,7 @@ PROGRESS = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 
 
 def small_recipe(model: Path, texts: Path | None = None, **stages: Any) -> dict[str, Any]:
-    """Shapley values of all 8 experts on en/ru from 24 coalitions; remove the least useful
+    """Shapley values of all 8 experts on en/ru from 26 coalitions; remove the least useful
     expert of each layer."""
     folder = texts or UD_TEXT
     sets = {lang: {"path": str(folder / f"{lang}.txt"), "n_seq": 2, "seq_len": 16}
@@ -37,7 +37,7 @@ def small_recipe(model: Path, texts: Path | None = None, **stages: Any) -> dict[
         "model": {"path": str(model)},
         "units": "layers.*.experts.*",
         "targets": {"sets": sets},
-        "estimator": {"budget": 24, "checkpoint_every": 0},
+        "estimator": {"budget": 26, "checkpoint_every": 0},
         "plan": {"mode": "least_useful", "target": ["ru"], "per_layer": 1},
         "evaluate": {"n_seq": 2, "seq_len": 16},
     }
@@ -157,7 +157,7 @@ def test_an_unchanged_game_resumes_and_an_old_key_file_is_ignored(
     (out / "shapley.game.json").write_text("{corrupt")  # left by an older version: not read
     capsys.readouterr()
     assert main(["analyze", str(recipe), "--out", str(out)]) == 0
-    assert "(0 evaluated now, 24 from the checkpoint)" in capsys.readouterr().out
+    assert "(0 evaluated now, 26 from the checkpoint)" in capsys.readouterr().out
     assert json.loads((out / "shapley.json").read_text())["values"] == values
     assert not (out / "shapley.game.json").exists()
 

@@ -7,6 +7,7 @@ import torch
 
 from msa_edit.errors import MsaEditError
 from msa_edit.shapley import CoalitionCache, estimate, interactions
+from msa_edit.shapley.estimate import min_budget
 from msa_edit.shapley.toys import mlp_game
 
 
@@ -48,8 +49,8 @@ def test_bad_games(game, match: str) -> None:
         ({"budget": 100, "method": "exact"}, "needs 2\\^10 = 1024 coalitions but budget=100"),
         ({"budget": 5, "method": "permutation"}, "budget=5 is too small for method='permutation'"),
         (
-            {"budget": 25, "method": "kernel"},
-            "needs at least 26 distinct coalitions; raise the "
+            {"budget": 31, "method": "kernel"},
+            "needs at least 32 distinct coalitions; raise the "
             "budget, or use method='permutation' \\(from 20\\)$",
         ),
         (
@@ -95,10 +96,14 @@ def test_corrupt_checkpoint_is_refused(tmp_path) -> None:
 @pytest.mark.parametrize("n", [6, 10, 20])
 def test_auto_never_reports_an_infinite_stderr(n: int) -> None:
     """From the least budget any method takes, `auto` picks one whose first estimate has a
-    finite standard error (the kernel's is infinite until two pairs are sampled: 2n + 6)."""
+    finite standard error (the kernel's is infinite until ceil(n / 2) pairs are sampled)."""
     game = mlp_game(n)
-    for budget in range(2 * n, 2 * n + 9):
+    least = min_budget("kernel", n)
+    for budget in range(2 * n, least + 3):
         res = estimate(game, n, method="auto", budget=budget, progress=False)
         assert torch.isfinite(res.stderr).all(), (budget, res.method)
-    kernel = estimate(game, n, method="kernel", budget=2 * n + 6, progress=False)
+        assert res.method == ("kernel" if budget >= least else "permutation")
+    kernel = estimate(game, n, method="kernel", budget=least, progress=False)
     assert torch.isfinite(kernel.stderr).all()
+    with pytest.raises(MsaEditError, match=f"needs at least {least} distinct coalitions"):
+        estimate(game, n, method="kernel", budget=least - 1, progress=False)
