@@ -79,8 +79,8 @@ def layered_game(n_layers: int = 20, width: int = 10, seed: int = 0) -> tuple[Ga
     for _ in range(3 * n):
         layer = int(torch.randint(0, n_layers, (1,), generator=g))
         size = int(torch.randint(1, 4, (1,), generator=g))
-        members = layer * width + torch.randint(0, width, (size,), generator=g)
-        carriers.append(sorted(set(members.tolist())))
+        drawn = layer * width + torch.randint(0, width, (size,), generator=g)
+        carriers.append(sorted(set(drawn.tolist())))
     coefficients = torch.randn(len(carriers), generator=g, dtype=torch.float64)
     values = torch.zeros(n, dtype=torch.float64)
     for members, a in zip(carriers, coefficients, strict=True):
