@@ -157,8 +157,7 @@ def test_targeted_search_refuses_what_the_check_half_does_not_confirm(
 ) -> None:
     """The tiny Mixtral (60 training steps) has no zh-specific expert: the search's best removal
     stays within the retain bound and raises zh on the search half, but not significantly on the
-    check half, so the plan is refused in one line and nothing is edited (on held-out text that
-    removal raises ru, not zh: it was noise)."""
+    check half (+0.0000), so the plan is refused in one line and nothing is edited."""
     data = recipe(tiny_mixtral, mode="specific", target=["zh"], per_layer=1, retain_bound=0.5)
     path = tmp_path / "zh.yaml"
     path.write_text(yaml.safe_dump(data | {"edit": {"extra": "zero"}}), encoding="utf-8")
