@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -36,7 +35,7 @@ from msa_edit.units import (
     moe_parts,
     n_experts,
     n_heads,
-    renormalizes,
+    router,
     submodule,
 )
 
@@ -228,34 +227,24 @@ class Lesion:
         return None if f is None else f.repeat_interleave(n_tokens // rows, dim=0)
 
     def _reroute_hook(self, site: _Site) -> Any:
-        renorm = renormalizes(self.model)
-        keep_dtype = architecture(self.model).scores_in_logits_dtype
+        scheme, flags = router(self.model)
 
         def hook(gate: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            weight = cast(torch.Tensor, gate.weight)
-            hidden = args[0].reshape(-1, weight.shape[1])
+            width = cast(torch.Tensor, gate.weight).shape[1]
+            hidden = args[0].reshape(-1, width)
             f = self._token_factors(site, hidden.shape[0])
             if f is None:
                 return None
-            logits = F.linear(hidden, weight)
-            dropped = (f == 0).to(logits.device)
-            probs = F.softmax(logits.masked_fill(dropped, float("-inf")).float(), dim=-1)
-            top, index = torch.topk(probs, cast(int, gate.top_k), dim=-1)
-            if renorm:
-                total = top.sum(dim=-1, keepdim=True)
-                top = top / torch.where(total > 0, total, torch.ones_like(total))
-            top = torch.where(dropped.all(-1, keepdim=True), torch.zeros_like(top), top)
-            if keep_dtype:
-                top = top.to(logits.dtype)
-            return (output[0], top, index)
+            weights, index = scheme.route(gate, hidden, (f == 0).to(hidden.device), flags)
+            return (output[0], weights, index)
 
         return hook
 
     def _expert_hooks(self, site: _Site) -> tuple[Any, Any]:
         key = id(site)
+        names = architecture(self.model).expert_args
 
         def unpack(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-            names = ("hidden_states", "top_k_index", "top_k_weights")
             values = list(args) + [kwargs[n] for n in names[len(args) :]]
             return values[:3]
 
@@ -269,8 +258,7 @@ class Lesion:
             if site.mean is not None:
                 self._pending[key] = (index, weights * (1 - chosen))
             new = (hidden, index, weights * chosen)
-            rest = {k: v for k, v in kwargs.items() if k not in ("top_k_index", "top_k_weights")}
-            rest.pop("hidden_states", None)
+            rest = {k: v for k, v in kwargs.items() if k not in names}
             return new, rest
 
         def post(

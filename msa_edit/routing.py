@@ -5,7 +5,8 @@
 - `reap`: REAP saliency (Lasby et al. 2025, "REAP the Experts"): the mean, over the tokens routed
   to the expert, of its gate value times the L2 norm of its own (unweighted) output. The gate is
   the router's full-softmax probability, as in the reference implementation — not the top-k
-  weight renormalised over the chosen experts.
+  weight renormalised over the chosen experts (sigmoid routers: the expert's sigmoid score;
+  `routers.Router.scores`).
 
 Both come from one pass of the intact model; the experts with the lowest scores are pruned first.
 `gate="applied"` takes REAP's gate from the weight the model applies instead (the top-k weight,
@@ -21,12 +22,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import run_hooked
-from msa_edit.units import Unit, decoder_layers, discover, moe_parts, n_experts
+from msa_edit.units import (
+    Unit,
+    architecture,
+    decoder_layers,
+    discover,
+    moe_parts,
+    n_experts,
+    router,
+)
 
 SCORERS = ("reap", "frequency")
 Gate = Literal["softmax", "applied"]
@@ -72,7 +80,7 @@ def routing_stats(
     for row, layer_idx in enumerate(layers):
         router, experts = moe_parts(model, decoder_layers(model)[layer_idx])
         handles.append(router.register_forward_hook(_keep_logits(logits, row)))
-        score = _score(logits, row, count, reap, gate)
+        score = _score(model, logits, row, count, reap, gate)
         handles.append(experts.register_forward_pre_hook(score, with_kwargs=True))
     run_hooked(model, input_ids, handles, batch_size)
     saliency = reap / count.clamp_min(1)
@@ -92,17 +100,19 @@ def _keep_logits(store: dict[int, torch.Tensor], row: int) -> Any:
 
 
 def _score(
+    model: nn.Module,
     logits: dict[int, torch.Tensor],
     row: int,
     count: torch.Tensor,
     reap: torch.Tensor,
     gate: Gate,
 ) -> Any:
-    names = ("hidden_states", "top_k_index", "top_k_weights")
+    names = architecture(model).expert_args
+    scheme, _ = router(model)
 
     def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden, index, weights = [*args, *(kwargs[n] for n in names[len(args) :])][:3]
-        probs = F.softmax(logits.pop(row).float(), dim=-1)
+        probs = scheme.scores(logits.pop(row))
         for e in range(count.shape[1]):
             token, slot = torch.where(index == e)
             if token.numel() == 0:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
 from msa_edit.errors import MsaEditError, short
+from msa_edit.routers import ROUTERS, Router, RouterFlags
 
 Kind = Literal["experts", "heads", "neurons", "layer"]
 KINDS: tuple[Kind, ...] = ("experts", "heads", "neurons", "layer")
@@ -78,11 +79,12 @@ class Unit:
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where one model family keeps its units, as dotted paths.
+    """Where one model family keeps its units, as dotted paths, and how its router routes.
 
     `layers` leads from the causal-LM root to the decoder layers; the others start at one layer.
-    MoE blocks have a router `{moe}.gate` (weight [E, H], softmax -> top-k) and fused experts
-    `{moe}.experts` called as experts(hidden [N, H], top_k_index [N, k], top_k_weights [N, k]).
+    MoE blocks have a router `{moe}.{router}` (weight [E, H]) whose scheme is
+    `routers.ROUTERS[route]`, and fused experts `{moe}.experts` called as
+    experts(hidden [N, H], index [N, k], weights [N, k]), the last two named `expert_args[1:]`.
     """
 
     layers: str
@@ -95,6 +97,13 @@ class Architecture:
     """Top-k weights renormalised to sum 1: always (True) or per the named config flag."""
     scores_in_logits_dtype: bool = True
     """Router returns top-k weights cast back to the logits' dtype (Mixtral keeps float32)."""
+    router: str = "gate"
+    route: str = "softmax_top_k"
+    expert_args: tuple[str, str, str] = ("hidden_states", "top_k_index", "top_k_weights")
+    expert_out: tuple[str, ...] = ("down_proj",)
+    """The fused experts' per-expert tensors through which an expert writes (weight, bias)."""
+    shared: str | None = None
+    """The MoE block's always-on shared-expert MLP, whose `down_proj` writes to the residual."""
 
 
 _LLAMA = Architecture("model.layers", "self_attn.o_proj", "num_attention_heads", "mlp.down_proj")
@@ -107,6 +116,16 @@ _QWEN_MOE = Architecture(
     n_experts="num_experts",
     renormalize="norm_topk_prob",
 )
+_DEEPSEEK = Architecture(
+    "model.layers",
+    "self_attn.o_proj",
+    "num_attention_heads",
+    "mlp.down_proj",
+    moe="mlp",
+    n_experts="n_routed_experts",
+    route="sigmoid_group_top_k",
+    shared="shared_experts",
+)
 ARCHITECTURES: dict[str, Architecture] = {
     "mixtral": Architecture(
         "model.layers",
@@ -118,9 +137,23 @@ ARCHITECTURES: dict[str, Architecture] = {
         renormalize=True,
         scores_in_logits_dtype=False,
     ),
-    "qwen2_moe": _QWEN_MOE,
-    "qwen3_moe": _QWEN_MOE,
+    "qwen2_moe": replace(_QWEN_MOE, shared="shared_expert"),
+    "qwen3_moe": replace(_QWEN_MOE, n_experts="num_local_experts"),  # its config.json key
     "olmoe": _QWEN_MOE,
+    "deepseek_v3": _DEEPSEEK,
+    "glm4_moe": _DEEPSEEK,
+    "gpt_oss": Architecture(
+        "model.layers",
+        "self_attn.o_proj",
+        "num_attention_heads",
+        None,
+        moe="mlp",
+        n_experts="num_local_experts",
+        router="router",
+        route="top_k_softmax",
+        expert_args=("hidden_states", "router_indices", "routing_weights"),
+        expert_out=("down_proj", "down_proj_bias"),
+    ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
@@ -168,9 +201,10 @@ def submodule(layer: nn.Module, path: str | None) -> nn.Module | None:
 
 
 def moe_block(model: nn.Module, layer: nn.Module) -> nn.Module | None:
-    """The layer's MoE block (with `.gate` and `.experts`), or None for a dense layer."""
-    block = submodule(layer, architecture(model).moe)
-    if block is None or not hasattr(block, "gate") or not hasattr(block, "experts"):
+    """The layer's MoE block (with a router and `.experts`), or None for a dense layer."""
+    arch = architecture(model)
+    block = submodule(layer, arch.moe)
+    if block is None or not hasattr(block, arch.router) or not hasattr(block, "experts"):
         return None
     return block
 
@@ -180,7 +214,23 @@ def moe_parts(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Module]
     block = moe_block(model, layer)
     if block is None:
         raise MsaEditError(f"{type(layer).__name__} has no MoE block with a router and experts")
-    return cast(nn.Module, block.gate), cast(nn.Module, block.experts)
+    gate = getattr(block, architecture(model).router)
+    return cast(nn.Module, gate), cast(nn.Module, block.experts)
+
+
+def router(model: nn.Module) -> tuple[Router, RouterFlags]:
+    """The model's routing scheme and the switches it reads."""
+    arch = architecture(model)
+    return ROUTERS[arch.route], RouterFlags(renormalizes(model), arch.scores_in_logits_dtype)
+
+
+def expert_groups(config: Any) -> int:
+    """How many expert groups the router of `config` (an object or a config.json dict) picks
+    from: experts leave a layer only in equal numbers per group. 1 for most families."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    arch = ARCHITECTURES.get(str(get("model_type")))
+    key = None if arch is None else ROUTERS[arch.route].groups
+    return 1 if key is None else int(get(key) or 1)
 
 
 def n_heads(model: nn.Module) -> int:

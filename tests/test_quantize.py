@@ -8,17 +8,22 @@ fp32 embeddings, head and routers) ≈ 0.32 x the fp16 model, ≈ 0.30 after the
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
+from msa_edit.edit import remove_experts
 from msa_edit.errors import MsaEditError
+from msa_edit.lesions import lesioned
+from msa_edit.units import Unit
 
 bnb = pytest.importorskip("bitsandbytes")
 quantize = pytest.importorskip("msa_edit.quantize")
@@ -291,3 +296,40 @@ def test_shapley_modes_on_quantised_model_are_close_to_fp32(
     want, got = modes(reference), modes(model)
     assert float(want.abs().max()) > 1e-3  # the experts matter
     assert rel_error(got, want) < SHAPLEY_REL_TOL[(bits, lesion)]
+
+
+# --- the other MoE families ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "glm4_moe"])
+def test_quantised_reroute_is_the_quantised_edit(family: str, tmp_path: Path) -> None:
+    """Each expert is its own quantised Linear and the router stays in fp32, so the `reroute`
+    lesion of a 4-bit model equals the 4-bit load of the full-precision edit."""
+    model = tiny_models.build(family)
+    units = [Unit(la, "experts", e) for la in (0, 1) for e in (1, 4)]
+    model.save_pretrained(tmp_path / "full")
+    edited = copy.deepcopy(model)
+    remove_experts(edited, units)
+    edited.save_pretrained(tmp_path / "edited")
+    full = load_quantized(tmp_path / "full", bits=4, device="cpu")
+    small = load_quantized(tmp_path / "edited", bits=4, device="cpu")
+    for i, layer in enumerate(full.model.layers):
+        assert isinstance(layer.mlp.experts, LinearExperts)
+        assert isinstance(layer.mlp.experts.down_proj[0].weight, bnb.nn.Params4bit)
+        assert torch.equal(
+            layer.mlp.gate.state_dict()["weight"], model.model.layers[i].mlp.gate.weight
+        )
+    ids = torch.randint(3, tiny_models.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with lesioned(full, units, "reroute"):
+            lesioned_logits = full(ids).logits
+        want = small(ids).logits
+        intact = full(ids).logits
+    assert (lesioned_logits - want).abs().max() <= 1e-5
+    assert rel_error(lesioned_logits, intact) > 1e-3  # the lesion changed something
+
+
+def test_gpt_oss_experts_are_refused_in_one_line(tmp_path: Path) -> None:
+    tiny_models.build("gpt_oss").save_pretrained(tmp_path)
+    with pytest.raises(MsaEditError, match=r"GptOssExperts.*load it in full precision"):
+        load_quantized(tmp_path, bits=4, device="cpu")

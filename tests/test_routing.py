@@ -25,19 +25,31 @@ def by_hand(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     model(ids)
     for h in handles:
         h.remove()
-    top_k, width = model.config.num_experts_per_tok, n_experts(model)
+    width = n_experts(model)
     freq, reap = [], []
     for layer, x in zip(decoder_layers(model), inputs, strict=True):
         gate, experts = moe_parts(model, layer)
-        probs = F.softmax(x @ gate.weight.T, dim=-1)  # the reference gate: full softmax
-        chosen = probs.topk(top_k, dim=-1).indices
+        logits = x @ gate.weight.T + (gate.bias if getattr(gate, "bias", None) is not None else 0)
+        sigmoid = hasattr(gate, "e_score_correction_bias")  # DeepSeek-V3, GLM-4 MoE
+        probs = logits.sigmoid() if sigmoid else F.softmax(logits, dim=-1)  # the reference gate
+        chosen = gate(x)[2]  # the family's own selection
         for e in range(width):
             tokens = (chosen == e).any(-1)
-            g, u = (x[tokens] @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
-            out = (F.silu(g) * u) @ experts.down_proj[e].T
+            out = expert_by_hand(experts, x[tokens], e)
             freq.append(float(tokens.sum()))
             reap.append(float((probs[tokens, e] * out.norm(dim=-1)).mean()) if tokens.any() else 0)
     return torch.tensor(freq, dtype=torch.float64), torch.tensor(reap, dtype=torch.float64)
+
+
+def expert_by_hand(experts, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e's unweighted output: SwiGLU, or gpt-oss's clamped, interleaved GLU with biases."""
+    if not hasattr(experts, "gate_up_proj_bias"):
+        g, u = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        return (F.silu(g) * u) @ experts.down_proj[e].T
+    h = x @ experts.gate_up_proj[e] + experts.gate_up_proj_bias[e]
+    g, u = h[:, ::2].clamp(max=experts.limit), h[:, 1::2].clamp(-experts.limit, experts.limit)
+    glu = (u + 1) * g * torch.sigmoid(experts.alpha * g)
+    return glu @ experts.down_proj[e] + experts.down_proj_bias[e]
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

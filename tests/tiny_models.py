@@ -7,12 +7,16 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
+    Glm4MoeConfig,
     GPT2Config,
+    GptOssConfig,
     LlamaConfig,
     MixtralConfig,
     OlmoeConfig,
     PreTrainedModel,
     Qwen2MoeConfig,
+    Qwen3MoeConfig,
 )
 
 import msa_edit
@@ -77,6 +81,58 @@ def tiny_config(model_type: str):
             norm_topk_prob=True,
             max_position_embeddings=64,
         )
+    if model_type == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common,
+            intermediate_size=48,
+            moe_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            norm_topk_prob=True,
+            max_position_embeddings=64,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    if model_type in ("deepseek_v3", "glm4_moe"):
+        # two expert groups of three (DeepSeek picks one group per token); GLM-4.5's one group
+        deepseek = model_type == "deepseek_v3"
+        config = DeepseekV3Config if deepseek else Glm4MoeConfig
+        attention = (
+            dict(num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=4,
+                 qk_nope_head_dim=4, v_head_dim=8)
+            if deepseek
+            else dict(num_key_value_heads=2, head_dim=8)
+        )  # fmt: skip
+        return config(
+            **common,
+            **attention,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=6,
+            n_shared_experts=2 if deepseek else 1,
+            n_group=2 if deepseek else 1,
+            topk_group=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=0,
+            routed_scaling_factor=2.5 if deepseek else 1.5,
+            norm_topk_prob=True,
+            max_position_embeddings=64,
+        )
+    if model_type == "gpt_oss":
+        return GptOssConfig(
+            **common,
+            intermediate_size=24,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            max_position_embeddings=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        )
     if model_type == "llama":
         return LlamaConfig(
             **common, intermediate_size=40, num_key_value_heads=2, max_position_embeddings=64
@@ -98,8 +154,14 @@ def build(model_type: str, seed: int = 0) -> PreTrainedModel:
     """A randomly initialised tiny model in fp32 eval mode (seeded, so reproducible)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=torch.float32)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # zeros at init; real models learn it
+            buffer.copy_(0.01 * torch.randn_like(buffer))
+    for name, param in model.named_parameters():
+        if name.endswith(("router.bias", "_proj_bias")):  # gpt-oss: zeros at init
+            param.data.copy_(0.1 * torch.randn_like(param))
     return model.eval()
 
 
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "olmoe"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss"]
 ALL_FAMILIES = [*MOE_FAMILIES, "llama", "gpt2"]

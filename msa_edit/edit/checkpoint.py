@@ -3,9 +3,10 @@ built): the same edit as `remove_experts` on a loaded model, for checkpoints too
 full precision (Mixtral-8x7B is ~93 GB in bf16).
 
 Expert removal is pure slicing: every tensor whose first axis runs over a layer's experts — the
-router's rows (`{moe}.gate.weight`, and any other per-expert router tensor), the fused expert
-weights of transformers 5 (`{moe}.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) — keeps
-the rows of the kept experts; per-expert tensors of older checkpoints
+router's rows (`{moe}.gate.weight`, and any other per-expert router tensor: biases, DeepSeek's
+correction bias), the fused expert weights and biases of transformers 5
+(`{moe}.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) — keeps the rows of the kept
+experts; per-expert tensors of older checkpoints
 (`{moe}.experts.{e}.w1|w2|w3.weight`, `gate_proj|up_proj|down_proj`) of removed experts are
 dropped and the rest renumbered. Each output shard is written as a stream of slabs (one expert
 matrix at most), so resident memory stays at one slab, not one shard. The layout rules are
@@ -40,7 +41,7 @@ from msa_edit.edit.tensorfile import (
 from msa_edit.errors import MsaEditError
 from msa_edit.progress import Progress
 from msa_edit.quantize import checkpoint_key, checkpoint_shards
-from msa_edit.units import ARCHITECTURES, Unit
+from msa_edit.units import ARCHITECTURES, Architecture, Unit, expert_groups
 
 INDEX = "model.safetensors.index.json"
 
@@ -63,13 +64,14 @@ def slice_checkpoint(
     shards = checkpoint_shards(src)
     headers = {shard: read_header(shard) for shard in shards}
     roles = {
-        key: _role(checkpoint_key(key, config["model_type"]), arch.moe, info, total)
+        key: _role(checkpoint_key(key, config["model_type"]), arch, info, total)
         for header in headers.values()
         for key, info in header.items()
     }
     moe_layers = sorted({role[1] for role in roles.values() if role[0] == "router"})
-    per_layer = removal_layout(units, moe_layers, total, top_k, extra)
-    sliced, zeroed = split_layout(per_layer)
+    groups = expert_groups(config)
+    per_layer = removal_layout(units, moe_layers, total, top_k, extra, groups=groups)
+    sliced, zeroed = split_layout(per_layer, total, groups)
     common = min((len(e) for e in sliced.values()), default=0)
     if any(os.scandir(dst)):
         raise MsaEditError(f"{dst} is not empty; slice_checkpoint writes into an empty folder")
@@ -131,13 +133,14 @@ Role = tuple[str, int, int]
 "expert" (one expert's tensor; expert = its index) or "other" (copied as it is)."""
 
 
-def _role(name: str, moe: str, info: TensorInfo, total: int) -> Role:
+def _role(name: str, arch: Architecture, info: TensorInfo, total: int) -> Role:
     """What a (transformers-5-named) tensor is to expert removal."""
-    base = rf"(?:^|\.)layers\.(\d+)\.{re.escape(moe)}"
+    assert arch.moe is not None
+    base = rf"(?:^|\.)layers\.(\d+)\.{re.escape(arch.moe)}"
     if m := re.search(base + r"\.experts\.(\d+)\.", name):
         return ("expert", int(m[1]), int(m[2]))
     per_expert_rows = bool(info.shape) and info.shape[0] == total
-    if (m := re.search(base + r"\.gate\.\w+$", name)) and per_expert_rows:
+    if (m := re.search(base + rf"\.{arch.router}\.\w+$", name)) and per_expert_rows:
         return ("router", int(m[1]), -1)
     if (m := re.search(base + r"\.experts\.[A-Za-z_]\w*$", name)) and per_expert_rows:
         return ("fused", int(m[1]), -1)

@@ -22,7 +22,15 @@ from torch import nn
 from msa_edit.edit.record import EditRecord, n_params, names
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import Lesion
-from msa_edit.units import Unit, architecture, decoder_layers, moe_block, moe_parts, n_experts
+from msa_edit.units import (
+    Unit,
+    architecture,
+    decoder_layers,
+    expert_groups,
+    moe_block,
+    moe_parts,
+    n_experts,
+)
 
 Extra = Literal["refuse", "zero"]
 
@@ -36,7 +44,7 @@ def remove_experts(
     >>> # record.matches -> 'reroute'; model.save_pretrained(out) reloads without custom code
     """
     per_layer = _plan(model, units, extra)
-    removed, zeroed = split_layout(per_layer)
+    removed, zeroed = split_layout(per_layer, n_experts(model), expert_groups(model.config))
     before = n_params(model)
     for layer_idx, experts in zeroed.items():
         _zero(model, layer_idx, experts)
@@ -74,18 +82,30 @@ def _plan(model: nn.Module, units: Sequence[Unit], extra: Extra) -> dict[int, li
     layers = decoder_layers(model)
     moe_layers = [i for i, layer in enumerate(layers) if moe_block(model, layer) is not None]
     top_k = int(_config(model).num_experts_per_tok)
-    return removal_layout(units, moe_layers, n_experts(model), top_k, extra)
+    groups = expert_groups(model.config)
+    return removal_layout(units, moe_layers, n_experts(model), top_k, extra, groups=groups)
 
 
 def removal_layout(
-    units: Sequence[Unit], moe_layers: Sequence[int], total: int, top_k: int, extra: Extra
+    units: Sequence[Unit],
+    moe_layers: Sequence[int],
+    total: int,
+    top_k: int,
+    extra: Extra,
+    *,
+    groups: int = 1,
 ) -> dict[int, list[int]]:
     """Requested experts per MoE layer (every MoE layer listed), checked against the rules every
-    expert editor follows: at least top-k experts stay, and non-uniform removal needs
-    `extra="zero"`. Raises `MsaEditError` otherwise.
+    expert editor follows: at least top-k experts stay (and two per group where the router
+    scores `groups` expert groups by their two best), and non-uniform removal — a different
+    number per layer, or per group — needs `extra="zero"`. Raises `MsaEditError` otherwise.
 
     >>> removal_layout([Unit(1, "experts", 3)], [0, 1], 8, 2, "zero")
     {0: [], 1: [3]}
+    >>> removal_layout([Unit(0, "experts", 0), Unit(0, "experts", 1)], [0], 8, 2, "refuse",
+    ...                groups=2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    msa_edit.errors.MsaEditError: non-uniform expert removal (layer 0: 2+0 per group) ...
     """
     if extra not in ("refuse", "zero"):
         raise MsaEditError(f"unknown extra={extra!r}; use 'refuse' or 'zero'")
@@ -103,12 +123,24 @@ def removal_layout(
                 f"layer {layer_idx} would keep {total - len(experts)} experts, fewer than "
                 f"top-k={top_k}; remove at most {total - top_k} experts per layer"
             )
-    counts = {len(e) for e in per_layer.values()}
+    size = total // groups
+    per_group = {i: [sum(e // size == g for e in es) for g in range(groups)]
+                 for i, es in per_layer.items()}  # fmt: skip
+    counts = {n for ns in per_group.values() for n in ns}
     if len(counts) > 1 and extra == "refuse":
-        spread = ", ".join(f"layer {i}: {len(e)}" for i, e in per_layer.items())
+        spread = ", ".join(
+            f"layer {i}: {'+'.join(map(str, ns)) + ' per group' if groups > 1 else ns[0]}"
+            for i, ns in per_group.items()
+        )
+        same = "the same number per layer" + (" and per expert group" if groups > 1 else "")
         raise MsaEditError(
-            f"non-uniform expert removal ({spread}) cannot be saved as reroute; remove the same "
-            "number per layer, or pass extra='zero' to zero the extra experts (zero lesion)"
+            f"non-uniform expert removal ({spread}) cannot be saved as reroute; remove {same}, "
+            "or pass extra='zero' to zero the extra experts (zero lesion)"
+        )
+    if groups > 1 and size - min(counts) < 2:  # the sliced part; zeroed experts stay routable
+        raise MsaEditError(
+            f"an expert group would keep fewer than 2 of its {size} experts; the router scores "
+            f"each of its {groups} groups by its two best, so remove at most {size - 2} per group"
         )
     return per_layer
 
@@ -128,32 +160,53 @@ def _check_weights(model: nn.Module) -> None:
 
 
 def split_layout(
-    per_layer: dict[int, list[int]],
+    per_layer: dict[int, list[int]], total: int, groups: int = 1
 ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """(sliced, zeroed) experts per layer: the lowest `min count` indices are sliced."""
-    common = min((len(e) for e in per_layer.values()), default=0)
-    sliced = {i: e[:common] for i, e in per_layer.items()}
-    zeroed = {i: e[common:] for i, e in per_layer.items() if e[common:]}
-    return sliced, zeroed
+    """(sliced, zeroed) experts per layer: in every layer and each of its `groups` expert groups
+    (of `total // groups`), the lowest `common` requested indices are sliced, `common` being the
+    fewest any layer's group asks for; the rest are zeroed.
+
+    >>> split_layout({0: [1, 2, 4], 1: [0, 5]}, 6, groups=2)
+    ({0: [1, 4], 1: [0, 5]}, {0: [2]})
+    """
+    size = total // groups
+    split = {i: [sorted(e for e in es if e // size == g) for g in range(groups)]
+             for i, es in per_layer.items()}  # fmt: skip
+    common = min((len(g) for gs in split.values() for g in gs), default=0)
+    sliced = {i: sorted(e for g in gs for e in g[:common]) for i, gs in split.items()}
+    zeroed = {i: sorted(e for g in gs for e in g[common:]) for i, gs in split.items()}
+    return sliced, {i: es for i, es in zeroed.items() if es}
+
+
+def _per_expert(module: nn.Module, total: int) -> list[tuple[str, torch.Tensor]]:
+    """The module's own parameters and buffers whose first axis runs over its `total` experts."""
+    tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return [(name, t) for name, t in tensors if t.dim() and t.shape[0] == total]
 
 
 @torch.no_grad()
 def _zero(model: nn.Module, layer_idx: int, experts: list[int]) -> None:
-    """Zero the experts' weights: their output is 0, their routing unchanged (zero lesion)."""
+    """Zero the experts' weights and biases: their output is 0, their routing unchanged (zero
+    lesion)."""
     _, fused = _parts(model, layer_idx)
-    fused.gate_up_proj[experts] = 0
-    fused.down_proj[experts] = 0
+    for _, tensor in _per_expert(fused, n_experts(model)):
+        tensor[experts] = 0
 
 
 @torch.no_grad()
 def _slice(model: nn.Module, layer_idx: int, experts: list[int]) -> None:
-    """Cut the experts out of the layer's router rows and fused expert weights."""
+    """Cut the experts out of every per-expert tensor of the layer's router and fused experts
+    (router rows, bias and correction bias; fused weights and biases)."""
     gate, fused = _parts(model, layer_idx)
-    keep = [e for e in range(gate.weight.shape[0]) if e not in set(experts)]
-    for module, name in ((gate, "weight"), (fused, "gate_up_proj"), (fused, "down_proj")):
-        old = getattr(module, name)
-        setattr(module, name, nn.Parameter(old[keep].clone(), requires_grad=old.requires_grad))
+    total = int(gate.weight.shape[0])
+    keep = [e for e in range(total) if e not in set(experts)]
     for module in (gate, fused):
+        for name, old in _per_expert(module, total):
+            if isinstance(old, nn.Parameter):
+                new: torch.Tensor = nn.Parameter(old[keep].clone(), requires_grad=old.requires_grad)
+            else:
+                new = old[keep].clone()
+            setattr(module, name, new)
         if hasattr(module, "num_experts"):
             setattr(module, "num_experts", len(keep))  # noqa: B010
 

@@ -157,7 +157,9 @@ def _scale(model: nn.Module, unit: Unit, alpha: float) -> None:
     """Multiply the weights through which `unit` writes by alpha."""
     layer = decoder_layers(model)[unit.layer]
     if unit.kind == "experts":
-        _experts(model, layer).down_proj[unit.index] *= alpha
+        fused = _experts(model, layer)
+        for name in architecture(model).expert_out:
+            getattr(fused, name)[unit.index] *= alpha
     elif unit.kind == "heads":
         out = _module(layer, architecture(model).attn_out)
         width = out.weight.shape[_in_dim(out)] // n_heads(model)
@@ -178,8 +180,9 @@ def _layer_writers(model: nn.Module, layer_idx: int) -> list[tuple[str, Any]]:
     block = moe_block(model, layer)
     if block is None:
         return params + list(_down(model, layer_idx).named_parameters())
-    params.append(("down_proj", _experts(model, layer).down_proj))
-    shared = submodule(block, "shared_expert.down_proj")
+    fused = _experts(model, layer)
+    params += [(name, getattr(fused, name)) for name in arch.expert_out]
+    shared = submodule(block, None if arch.shared is None else f"{arch.shared}.down_proj")
     return params + ([] if shared is None else list(shared.named_parameters()))
 
 

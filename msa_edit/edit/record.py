@@ -49,8 +49,11 @@ class EditRecord:
 
 
 def n_params(model: nn.Module) -> int:
-    """Distinct parameters of `model` (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters of `model` (tied weights counted once) plus its persistent buffers
+    (DeepSeek's router correction bias): the values its checkpoint stores."""
+    stored = set(model.state_dict())
+    buffers = sum(b.numel() for name, b in model.named_buffers() if name in stored)
+    return sum(p.numel() for p in model.parameters()) + buffers
 
 
 def names(units: Iterable[Unit]) -> tuple[str, ...]:

@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from tiny_models import build
+from tiny_models import MOE_FAMILIES, build
 from transformers import AutoModelForCausalLM
 
 from msa_edit.edit import EditRecord, remove_experts, remove_heads, remove_neurons, scale_units
+from msa_edit.edit.record import n_params
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import lesioned, scaled
-from msa_edit.units import Unit
+from msa_edit.units import Unit, moe_parts, n_experts
 
 TOL = 1e-5
 
@@ -44,12 +45,14 @@ def experts(layers_to_indices: dict[int, list[int]]) -> list[Unit]:
 
 
 def expert_params(model) -> int:
-    """Parameters one expert costs in one layer: router row + gate_up + down."""
-    fused = model.model.layers[0].mlp.experts
-    return model.config.hidden_size + fused.gate_up_proj[0].numel() + fused.down_proj[0].numel()
+    """Stored values one expert costs in one layer: its router row (biases, correction bias) and
+    fused weights."""
+    router, fused = moe_parts(model, model.model.layers[0])
+    per_expert = [*router.state_dict().values(), *fused.state_dict().values()]
+    return sum(p[0].numel() for p in per_expert if p.shape[0] == n_experts(model))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_uniform_expert_removal_equals_reroute_and_reloads(family, tokens, tmp_path) -> None:
     model = build(family)
     units = experts({0: [1, 4], 1: [0, 5]})
@@ -61,7 +64,7 @@ def test_uniform_expert_removal_equals_reroute_and_reloads(family, tokens, tmp_p
     assert record.params_saved == 4 * expert_params(model)
     assert (logits(edited, tokens) - expected).abs().max() <= TOL
     loaded = reloaded(edited, tmp_path)
-    assert sum(p.numel() for p in loaded.parameters()) == record.params_after
+    assert n_params(loaded) == record.params_after
     assert (logits(loaded, tokens) - expected).abs().max() <= TOL
 
 
@@ -97,7 +100,7 @@ def test_infeasible_expert_removal_changes_nothing(family, units, match) -> None
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mixtral", "deepseek_v3", "gpt_oss"])
 def test_head_removal_equals_zero_lesion(family, tokens, tmp_path) -> None:
     model = build(family)
     units = [Unit(0, "heads", 1), Unit(1, "heads", 3), Unit(1, "heads", 0)]
@@ -124,15 +127,15 @@ def test_neuron_removal_equals_zero_lesion(family, uniform, tokens, tmp_path) ->
     assert record.params_saved == (len(units) * per_neuron if uniform else 0)
     assert record.matches == "zero"
     loaded = reloaded(edited, tmp_path)
-    assert sum(p.numel() for p in loaded.parameters()) == record.params_after
+    assert n_params(loaded) == record.params_after
     assert (logits(loaded, tokens) - expected).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "llama", "gpt2"])
+@pytest.mark.parametrize("family", [*MOE_FAMILIES, "llama", "gpt2"])
 def test_scaling_equals_scale_lesion(family, tokens, tmp_path) -> None:
     model = build(family)
     factors = {Unit(0, "heads", 2): 0.5, Unit(1, "heads", 0): 1.7, Unit(1, "layer"): 0.0}
-    if family in ("mixtral", "qwen2_moe"):
+    if family in MOE_FAMILIES:
         factors |= {Unit(0, "experts", 3): 0.25, Unit(1, "experts", 0): -0.5}
     else:
         factors |= {Unit(0, "neurons", 7): 0.3, Unit(0, "neurons", 8): 2.0}
@@ -176,3 +179,25 @@ def test_record_round_trips_through_json() -> None:
     record = remove_experts(build("olmoe"), experts({0: [2], 1: [2]}))
     assert EditRecord.from_json(record.to_json()) == record
     assert json.loads(record.to_json())["params_saved"] == record.params_saved > 0
+
+
+def test_grouped_router_removal_is_balanced_per_group_or_zeroed(tokens, tmp_path) -> None:
+    # DeepSeek-V3 scores its 2 groups of 3 experts by their two best: slicing keeps that shape
+    # only when every group of every layer loses the same number
+    model = build("deepseek_v3")
+    units = experts({0: [1, 2, 4], 1: [0, 5]})
+    before = state(model)
+    with pytest.raises(MsaEditError, match=r"layer 0: 2\+1 per group, layer 1: 1\+1 per group"):
+        remove_experts(model, units)
+    with pytest.raises(MsaEditError, match="fewer than 2 of its 3 experts"):
+        remove_experts(model, experts({0: [0, 1, 3, 4], 1: [0, 1, 3, 4]}), extra="zero")
+    assert_unchanged(model, before)
+    edited = copy.deepcopy(model)
+    record = remove_experts(edited, units, extra="zero")
+    assert record.matches == "reroute+zero"
+    assert record.params_saved == 4 * expert_params(model)  # one expert per group and layer
+    with lesioned(model, experts({0: [1, 4], 1: [0, 5]}), "reroute"):
+        with lesioned(model, experts({0: [2]}), "zero"):
+            expected = logits(model, tokens)
+    assert (logits(reloaded(edited, tmp_path), tokens) - expected).abs().max() <= TOL
+    assert not torch.allclose(expected, logits(model, tokens), atol=1e-4)
