@@ -196,8 +196,8 @@ def test_grouped_router_removal_is_balanced_per_group_or_zeroed(tokens, tmp_path
     record = remove_experts(edited, units, extra="zero")
     assert record.matches == "reroute+zero"
     assert record.params_saved == 4 * expert_params(model)  # one expert per group and layer
-    with lesioned(model, experts({0: [1, 4], 1: [0, 5]}), "reroute"):
-        with lesioned(model, experts({0: [2]}), "zero"):
-            expected = logits(model, tokens)
+    sliced, zeroed = experts({0: [1, 4], 1: [0, 5]}), experts({0: [2]})
+    with lesioned(model, sliced, "reroute"), lesioned(model, zeroed, "zero"):
+        expected = logits(model, tokens)
     assert (logits(reloaded(edited, tmp_path), tokens) - expected).abs().max() <= TOL
     assert not torch.allclose(expected, logits(model, tokens), atol=1e-4)
