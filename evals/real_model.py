@@ -58,8 +58,9 @@ from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets, text_blocks
 from msa_edit.gguf import packaged_gguf, plain_folder
 from msa_edit.half_embeddings import store_half
 from msa_edit.lesions import lesioned
+from msa_edit.optional import available
 from msa_edit.plan import Budget, make_plan
-from msa_edit.quantize import bitsandbytes_available, footprint, load_quantized
+from msa_edit.quantize import footprint, load_quantized
 from msa_edit.screens import (
     activation_probability,
     gate_attribution,
@@ -268,7 +269,7 @@ def main() -> None:
         calib = {x: text_blocks(tok, calib_files[x], CALIB_SEQ, CALIB_LEN) for x in LANGS}
         base = language_nll(model, tok, held, n_seq=EVAL_SEQ, seq_len=SEQ_LEN, progress=False)
         results = {kind: compare(kind, model, tok, calib, held, base, args.quick) for kind in KINDS}
-        quantised = four_bit(folder, tok, held, results, model) if bitsandbytes_available() else {}
+        quantised = four_bit(folder, tok, held, results, model) if available("bitsandbytes") else {}
     payload = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)",
                "target": TARGET, "languages": LANGS, "calibration": [CALIB_SEQ, CALIB_LEN],
                "heldout": [EVAL_SEQ, SEQ_LEN], "base": base, **results, "4-bit": quantised,

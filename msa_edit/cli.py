@@ -332,7 +332,7 @@ def run_show_plan(out: str) -> None:
 
 def run_validate(path: str, overrides: Sequence[str]) -> None:
     """Print a one-paragraph summary of a valid recipe."""
-    from msa_edit.quantize import bitsandbytes_available
+    from msa_edit import optional
     from msa_edit.recipes import load_recipe
 
     recipe = load_recipe(path, overrides)
@@ -352,9 +352,9 @@ def run_validate(path: str, overrides: Sequence[str]) -> None:
         f"{path}: valid; model {recipe.model.name}, units {', '.join(recipe.units)}, "
         f"targets {', '.join(recipe.targets.sets)}, {analysis}, stages {', '.join(stages)}"
     )
-    if recipe.model.bits is not None and not bitsandbytes_available():
-        print(f"{path}: to run it here: {recipe.model.bits}-bit loading needs bitsandbytes, "
-              "which is not installed (pip install -e '.[quant]' in a clone)")  # fmt: skip
+    if recipe.model.bits is not None and not optional.available("bitsandbytes"):
+        need = optional.missing("bitsandbytes", f"{recipe.model.bits}-bit loading")
+        print(f"{path}: to run it here: {need}")
 
 
 def model_skeleton(model: str) -> nn.Module:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from msa_edit import optional
 from msa_edit.atomic import staged_dir, write_json
 from msa_edit.cachedir import cache_dir
 from msa_edit.errors import MsaEditError, short
@@ -79,11 +80,8 @@ def plain_folder(gguf: str | Path, *, cache: str | Path | None = None) -> Path:
     file = Path(gguf).expanduser()
     if not file.is_file():
         raise MsaEditError(f"GGUF file {short(str(file))} does not exist; fix model.path")
-    if importlib.util.find_spec("gguf") is None:
-        raise MsaEditError(
-            "reading GGUF files needs the gguf package, which is not installed; "
-            "pip install -e '.[gguf]' in a clone (or pip install gguf)"
-        )
+    if not optional.available("gguf"):
+        raise MsaEditError(optional.missing("gguf", "reading GGUF files"))
     digest = file_digest(file)
     out = Path(cache) if cache is not None else cache_dir() / "gguf"
     out = out / f"{file.stem}-{digest.split(':')[1][:16]}"

@@ -36,7 +36,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import importlib.util
 import json
 import logging
 import re
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from msa_edit import optional
 from msa_edit.errors import MsaEditError
 
 __all__ = ["LinearExperts", "footprint", "load_quantized", "swap_fused_experts"]
@@ -224,30 +224,9 @@ def swap_fused_experts(model: nn.Module) -> list[str]:
     return names
 
 
-NO_BITSANDBYTES = (
-    "bitsandbytes is not installed, so 4/8-bit loading is unavailable; "
-    "pip install -e '.[quant]' in a clone (or pip install bitsandbytes)"
-)
-
-
-def bitsandbytes_available() -> bool:
-    """Whether `bitsandbytes` can be imported (checked without importing it)."""
-    return importlib.util.find_spec("bitsandbytes") is not None
-
-
-def require_bitsandbytes() -> None:
-    """Refuse 4/8-bit loading in one line when bitsandbytes is missing (before any work)."""
-    if not bitsandbytes_available():
-        raise MsaEditError(NO_BITSANDBYTES)
-
-
 def _import_bnb() -> Any:
     """The `bitsandbytes` module, or a one-line error saying how to install it."""
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise MsaEditError(NO_BITSANDBYTES) from exc
-    return bitsandbytes
+    return optional.require("bitsandbytes", "4/8-bit loading")
 
 
 def _check_bits(bits: int) -> None:

@@ -24,13 +24,11 @@ import torch
 from transformers import PreTrainedModel
 
 from msa_edit.errors import MsaEditError
+from msa_edit.optional import missing
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = (
-    "lm-eval tasks need lm-evaluation-harness; pip install -e '.[lm-eval]' in a clone "
-    "(or pip install lm-eval)"
-)
+INSTALL_HINT = missing("lm_eval", "running lm-eval tasks")
 
 
 def lm_eval_scores(

@@ -30,6 +30,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from msa_edit import optional
 from msa_edit.atomic import atomic_path, read_json, write_json, write_text
 from msa_edit.edit import EditRecord, apply_plan
 from msa_edit.edit.experts import removal_layout
@@ -65,7 +66,7 @@ from msa_edit.half_embeddings import store_half
 from msa_edit.lesions import lesioned, scaled, unit_means
 from msa_edit.plan import Plan, make_plan
 from msa_edit.progress import format_duration
-from msa_edit.quantize import checkpoint_shards, load_quantized, require_bitsandbytes
+from msa_edit.quantize import checkpoint_shards, load_quantized
 from msa_edit.recipes.removal import check_feasible, choose_removals
 from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe, load_recipe
 from msa_edit.recipes.screening import read_screen, screened, write_screen
@@ -120,7 +121,7 @@ def load_model(stage: ModelStage, *, quantized: bool = True, say: Say = say_line
     """
     bits = f", {stage.bits}-bit" if stage.bits and quantized else ""
     if stage.bits and quantized:
-        require_bitsandbytes()  # before a tiny MoE is trained or a checkpoint read
+        optional.require("bitsandbytes", f"{stage.bits}-bit loading")  # before any work
     say(f"model: {stage.name} ({stage.dtype}{bits})")
     folder = model_source(stage, say)
     check_fits(stage, folder, stage.bits if quantized else None)

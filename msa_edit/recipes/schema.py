@@ -18,7 +18,6 @@ True
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +40,7 @@ from pydantic import (
     model_validator,
 )
 
+from msa_edit import optional
 from msa_edit.errors import MsaEditError, short
 from msa_edit.games import Packing
 from msa_edit.hub import is_repo_id
@@ -87,11 +87,6 @@ class _At(ValueError):
     def __init__(self, path: Sequence[str], message: str) -> None:
         super().__init__(message)
         self.path = tuple(path)
-
-
-def _ray_available() -> bool:
-    """Whether `ray` can be imported (checked without importing it)."""
-    return importlib.util.find_spec("ray") is not None
 
 
 def _check_unit_pattern(pattern: str) -> str:
@@ -422,10 +417,8 @@ class EstimatorStage(_Stage):
     @field_validator("backend")
     @classmethod
     def _ray_installed(cls, backend: str) -> str:
-        if backend == "ray" and not _ray_available():
-            raise ValueError(
-                'backend ray needs ray, which is not installed; pip install "msa-edit[ray]"'
-            )
+        if backend == "ray" and not optional.available("ray"):
+            raise ValueError(optional.missing("ray", "backend ray"))
         return backend
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from msa_edit import optional
 from msa_edit.errors import MsaEditError
 from msa_edit.shapley.cache import BatchPool, Game, GameSpec
 
@@ -47,13 +48,7 @@ PATIENCE_S = 300.0
 
 def require_ray() -> ModuleType:
     """The `ray` module, or a one-line error saying how to install it."""
-    try:
-        import ray
-    except ImportError:
-        raise MsaEditError(
-            'backend="ray" needs ray, which is not installed; pip install "msa-edit[ray]"'
-        ) from None
-    return ray
+    return optional.require("ray", 'backend="ray"')
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from tiny_models import UD_TEXT, build
 
-from msa_edit import quantize
+from msa_edit import optional
 from msa_edit.cli import main
 
 Mutation = Callable[[dict[str, Any], Path], None]
@@ -124,7 +124,7 @@ def test_malformed_recipe_one_line_no_files(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(quantize, "bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(optional, "available", lambda module: module != "bitsandbytes")
     if "arc_eazy" in expected:
         pytest.importorskip("lm_eval")
         from msa_edit.evaluate import harness

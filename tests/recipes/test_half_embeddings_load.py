@@ -10,11 +10,12 @@ import torch
 
 from msa_edit.errors import MsaEditError
 from msa_edit.half_embeddings import HalfEmbedding
-from msa_edit.quantize import bitsandbytes_available, footprint
+from msa_edit.optional import available
+from msa_edit.quantize import footprint
 from msa_edit.recipes.runner import load_model
 from msa_edit.recipes.schema import ModelStage, as_recipe
 
-pytestmark = pytest.mark.skipif(not bitsandbytes_available(), reason="pip install bitsandbytes")
+pytestmark = pytest.mark.skipif(not available("bitsandbytes"), reason="pip install bitsandbytes")
 
 
 def test_a_4bit_load_with_half_embeddings(tiny_mixtral: Path) -> None:

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from tiny_models import LANGS, UD_TEXT
 
+from msa_edit import optional
 from msa_edit.cli import main
 from msa_edit.errors import MsaEditError
 from msa_edit.recipes import load_recipe
-from msa_edit.recipes import schema as recipes
 
 
 def recipe(model: str | Path, **estimator: Any) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def write(path: Path, data: dict[str, Any]) -> Path:
 
 
 def test_ray_keys_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recipes, "_ray_available", lambda: True)
+    monkeypatch.setattr(optional, "available", lambda module: True)
     ok = load_recipe(write(tmp_path / "r.yaml", recipe("org/m", backend="ray", workers=4)))
     assert ok.estimator.ray_backend().workers == 4
 
@@ -52,15 +52,15 @@ def test_ray_keys_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 def test_bad_ray_keys_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, estimator: dict[str, Any], expected: str
 ) -> None:
-    monkeypatch.setattr(recipes, "_ray_available", lambda: True)
+    monkeypatch.setattr(optional, "available", lambda module: True)
     with pytest.raises(MsaEditError) as info:
         load_recipe(write(tmp_path / "r.yaml", recipe("org/m", **estimator)))
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 def test_ray_backend_without_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(recipes, "_ray_available", lambda: False)
-    with pytest.raises(MsaEditError, match=r'estimator\.backend: .*pip install "msa-edit\[ray\]"$'):
+    monkeypatch.setattr(optional, "available", lambda module: module != "ray")
+    with pytest.raises(MsaEditError, match=r"estimator\.backend: .*pip install ray\)$"):
         load_recipe(write(tmp_path / "r.yaml", recipe("org/m", backend="ray")))
 
 

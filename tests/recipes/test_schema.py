@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from msa_edit import quantize
+from msa_edit import optional
 from msa_edit.cli import main
 from msa_edit.errors import MsaEditError
 from msa_edit.plan import Budget
@@ -96,7 +96,7 @@ def test_plan_budget() -> None:
 def test_a_quantised_recipe_validates_with_or_without_bitsandbytes(
     installed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    monkeypatch.setattr(quantize, "bitsandbytes_available", lambda: installed)
+    monkeypatch.setattr(optional, "available", lambda module: installed)
     data = copy.deepcopy(VALID)
     data["model"]["bits"] = 4
     path = write(tmp_path, data)
@@ -105,8 +105,8 @@ def test_a_quantised_recipe_validates_with_or_without_bitsandbytes(
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{path}: valid;")
     assert out[1:] == ([] if installed else [
-        f"{path}: to run it here: 4-bit loading needs bitsandbytes, which is not installed "
-        "(pip install -e '.[quant]' in a clone)"
+        f"{path}: to run it here: 4-bit loading needs bitsandbytes, which is not installed; "
+        "pip install -e '.[quant]' in a clone (or pip install bitsandbytes)"
     ])  # fmt: skip
 
 

@@ -238,5 +238,6 @@ def test_without_ray_the_error_says_how_to_install_it(monkeypatch: pytest.Monkey
     with pytest.raises(MsaEditError) as info:
         estimate(toy_game(), N, **ARGS, backend="ray", workers=2)
     assert str(info.value) == (
-        'backend="ray" needs ray, which is not installed; pip install "msa-edit[ray]"'
+        "backend=\"ray\" needs ray, which is not installed; pip install -e '.[ray]' in a clone "
+        "(or pip install ray)"
     )
