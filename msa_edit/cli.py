@@ -57,7 +57,7 @@ EXACT_MAX_PLAYERS = 20  # msa_edit.shapley.exact.EXACT_MAX_PLAYERS
 FAMILIES = ("mixtral", "olmoe")  # msa_edit.tiny_moe.FAMILIES
 DEFAULT_FAMILY = "mixtral"  # msa_edit.tiny_moe.DEFAULT_FAMILY
 DEFAULT_STEPS = 800  # msa_edit.tiny_moe.TinyMoeConfig.steps
-KINDS = ("experts", "heads", "neurons", "layer")  # msa_edit.units.KINDS
+KINDS = ("experts", "heads", "neurons", "shared_experts", "layer")  # msa_edit.units.KINDS
 
 DEMO_RECIPE = Path(__file__).parent / "data" / "recipes" / "demo.yaml"
 STAGES = {
@@ -412,8 +412,11 @@ def run_units(model: str, kinds: Sequence[str] | None, names: bool) -> None:
     model_type = getattr(getattr(skeleton, "config", None), "model_type", "?")
     n_layers = len({u.layer for u in discover(skeleton, ["layer"])})
     print(f"units of {model} ({model_type}, {n_layers} layers)")
+    by_kind: dict[str, list[Unit]] = {}
+    for u in found:
+        by_kind.setdefault(u.kind, []).append(u)
     for kind in wanted:
-        of_kind = [u for u in found if u.kind == kind]
+        of_kind = by_kind.get(kind, [])
         if not of_kind:
             print(f"{kind:<8} {0:>7}  none in this model")
             continue

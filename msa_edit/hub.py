@@ -170,10 +170,10 @@ def _check_limits(timeout: float, retries: int) -> None:
         raise MsaEditError(f"retries={retries!r} must be an integer >= 0, e.g. retries=2")
 
 
-def _gave_up(where: str, kind: str, reason: str, attempts: int, timeout: float) -> str:
-    """The one-line message after the last failed attempt."""
+def _gave_up(where: str, failure: str, reason: str, attempts: int, timeout: float) -> str:
+    """The one-line message after the last failed attempt (`failure`: "timeout" or another)."""
     tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
-    if kind == "timeout":
+    if failure == "timeout":
         return (
             f"{where} timed out after {tries} ({timeout:g} s limit per request); check the "
             "network or raise the timeout (export.timeout / timeout=)"

@@ -27,20 +27,37 @@ from torch.utils.hooks import RemovableHandle
 
 from msa_edit.errors import MsaEditError
 from msa_edit.units import (
+    UNIT_KINDS,
     Unit,
     architecture,
     decoder_layers,
-    mlp_width,
-    moe_block,
     moe_parts,
     n_experts,
-    n_heads,
     router,
-    submodule,
 )
 
 LesionKind = Literal["reroute", "zero", "mean", "scale"]
-LESION_KINDS: tuple[LesionKind, ...] = ("reroute", "zero", "mean", "scale")
+
+
+@dataclass(frozen=True)
+class LesionRule:
+    """What one lesion kind does to a lesioned unit's output."""
+
+    routed_only: bool = False
+    """Experts only: the router skips them (all-or-nothing factors)."""
+    uses_means: bool = False
+    """The lost output is replaced by the unit's mean output (`unit_means`)."""
+    scales: bool = False
+    """A lesioned unit keeps `alpha` times its output (else 0)."""
+
+
+LESIONS: dict[str, LesionRule] = {
+    "reroute": LesionRule(routed_only=True),
+    "zero": LesionRule(),
+    "mean": LesionRule(uses_means=True),
+    "scale": LesionRule(scales=True),
+}
+LESION_KINDS = cast(tuple[LesionKind, ...], tuple(LESIONS))
 
 
 @dataclass(frozen=True)
@@ -77,12 +94,13 @@ class Lesion:
             raise MsaEditError(f"unknown lesion {kind!r}; choose one of {', '.join(LESION_KINDS)}")
         if not units:
             raise MsaEditError("no units to lesion; pass at least one unit")
-        if kind == "reroute" and any(u.kind != "experts" for u in units):
-            other = next(u for u in units if u.kind != "experts")
+        rule = LESIONS[kind]
+        if rule.routed_only and any(not u.spec.routed for u in units):
+            other = next(u for u in units if not u.spec.routed)
             raise MsaEditError(
                 f"lesion 'reroute' applies to experts only, got {other}; use 'zero' or 'mean'"
             )
-        if kind == "mean" and (means is None or any(u not in means for u in units)):
+        if rule.uses_means and (means is None or any(u not in means for u in units)):
             raise MsaEditError(
                 "lesion 'mean' needs the units' mean outputs; compute them with "
                 "msa_edit.lesions.unit_means(model, units, reference_input_ids)"
@@ -90,9 +108,10 @@ class Lesion:
         self.model = model
         self.units = list(units)
         self.kind = kind
-        self.alpha = alpha if kind == "scale" else 0.0
+        self.rule = rule
+        self.alpha = alpha if rule.scales else 0.0
         self.factors = torch.zeros(1, len(self.units))
-        self._sites = _sites(model, self.units, means if kind == "mean" else None)
+        self._sites = _sites(model, self.units, means if rule.uses_means else None)
         self._handles: list[RemovableHandle] = []
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -112,7 +131,7 @@ class Lesion:
         """Per-row output factors `float [R, n_units]` (1 = intact, 0 = lesioned, else scaled)."""
         if factors.dim() != 2 or factors.shape[1] != len(self.units):
             raise MsaEditError(f"factors must be a float tensor [R, {len(self.units)}]")
-        if self.kind == "reroute" and not bool(((factors == 0) | (factors == 1)).all()):
+        if self.rule.routed_only and not bool(((factors == 0) | (factors == 1)).all()):
             raise MsaEditError("reroute lesions are all-or-nothing: factors must be 0 or 1")
         self.factors = factors.float()
 
@@ -137,21 +156,16 @@ class Lesion:
         self._pending.clear()
 
     def _install(self, site: _Site) -> None:
-        arch = architecture(self.model)
+        kind = UNIT_KINDS[site.kind]
         layer = decoder_layers(self.model)[site.layer]
-        if site.kind == "layer":
+        if kind.segment is None:
             self._hook(layer.register_forward_hook(self._layer_hook(site), with_kwargs=True))
-        elif site.kind == "heads":
-            out = submodule(layer, arch.attn_out)
-            assert out is not None
-            self._hook(out.register_forward_pre_hook(self._channel_hook(site, n_heads(self.model))))
-        elif site.kind == "neurons":
-            down = submodule(layer, arch.mlp_down)
-            assert down is not None
-            self._hook(down.register_forward_pre_hook(self._channel_hook(site, 1)))
+        elif not kind.routed:
+            channels = kind.site(self.model, layer)
+            self._hook(channels.register_forward_pre_hook(self._channel_hook(site)))
         else:
             gate, experts = moe_parts(self.model, layer)
-            if self.kind == "reroute":
+            if self.rule.routed_only:
                 self._hook(gate.register_forward_hook(self._reroute_hook(site)))
             else:
                 pre, post = self._expert_hooks(site)
@@ -176,15 +190,16 @@ class Lesion:
         full[:, site.indices] = own
         return full.expand(rows, -1)
 
-    def _channel_hook(self, site: _Site, groups: int) -> Any:
-        """Pre-hook on a projection whose input channels are `groups` heads (or single neurons)."""
+    def _channel_hook(self, site: _Site) -> Any:
+        """Pre-hook on a projection whose input channels are `site.size` equal slices, one per
+        unit (a head's columns, one neuron, a shared expert's share)."""
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             x = args[0]
             f = self._row_factors(site, x.shape[0])
             if f is None:
                 return None
-            per = x.shape[-1] // site.size if groups > 1 else 1
+            per = x.shape[-1] // site.size
             shape = (x.shape[0], *([1] * (x.dim() - 2)), site.size, 1)
             view = x.reshape(*x.shape[:-1], site.size, per)
             fac = f.to(device=x.device, dtype=x.dtype).reshape(shape)
@@ -279,7 +294,6 @@ def _sites(
 ) -> list[_Site]:
     """Group units by (layer, kind) and check each exists in the model."""
     layers = decoder_layers(model)
-    arch = architecture(model)
     groups: dict[tuple[int, str], list[int]] = {}
     for column, unit in enumerate(units):
         groups.setdefault((unit.layer, unit.kind), []).append(column)
@@ -291,7 +305,12 @@ def _sites(
                 f"0-{len(layers) - 1}"
             )
         layer = layers[layer_idx]
-        size = _site_size(model, layer, kind, arch.mlp_down, units[columns[0]])
+        size = UNIT_KINDS[kind].count(model, layer)
+        if size == 0:
+            raise MsaEditError(
+                f"unit {units[columns[0]]} does not exist: layer {layer_idx} has no "
+                f"{UNIT_KINDS[kind].holder or kind}"
+            )
         indices = torch.tensor([max(units[c].index, 0) for c in columns])
         if int(indices.max()) >= size:
             raise MsaEditError(
@@ -303,23 +322,6 @@ def _sites(
             mean = _site_mean(model, kind, size, [units[c] for c in columns], indices, means)
         sites.append(_Site(layer_idx, kind, torch.tensor(columns), indices, size, mean))
     return sites
-
-
-def _site_size(
-    model: nn.Module, layer: nn.Module, kind: str, mlp_down: str | None, unit: Unit
-) -> int:
-    if kind == "layer":
-        return 1
-    if kind == "heads":
-        return n_heads(model)
-    if kind == "experts":
-        if moe_block(model, layer) is None:
-            raise MsaEditError(f"unit {unit} does not exist: layer {unit.layer} has no experts")
-        return n_experts(model)
-    down = submodule(layer, mlp_down)
-    if down is None or moe_block(model, layer) is not None:
-        raise MsaEditError(f"unit {unit} does not exist: layer {unit.layer} has no dense MLP")
-    return mlp_width(down)
 
 
 def _site_mean(
@@ -335,7 +337,7 @@ def _site_mean(
     table = torch.zeros(size, *first.shape, dtype=first.dtype)
     for unit, idx in zip(units, indices.tolist(), strict=True):
         table[idx] = means[unit]
-    return table[0] if kind == "layer" else table
+    return table[0] if UNIT_KINDS[kind].segment is None else table
 
 
 @contextmanager
@@ -388,7 +390,6 @@ def unit_means(
     sums: dict[tuple[int, str], torch.Tensor] = {}
     counts: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
-    arch = architecture(model)
     layers = decoder_layers(model)
 
     def add(key: tuple[int, str], total: torch.Tensor, count: torch.Tensor) -> None:
@@ -399,17 +400,12 @@ def unit_means(
     for layer_idx, kind in sorted({(u.layer, u.kind) for u in units}):
         layer = layers[layer_idx]
         key = (layer_idx, kind)
-        if kind == "heads":
-            heads = n_heads(model)
-            module = submodule(layer, arch.attn_out)
-            assert module is not None
-            handles.append(module.register_forward_pre_hook(_capture_channels(add, key, heads)))
-        elif kind == "neurons":
-            module = submodule(layer, arch.mlp_down)
-            assert module is not None
-            handles.append(module.register_forward_pre_hook(_capture_channels(add, key, 0)))
-        elif kind == "layer":
+        spec = UNIT_KINDS[kind]
+        if spec.segment is None:
             handles.append(layer.register_forward_hook(_capture_layer(add, key), with_kwargs=True))
+        elif not spec.routed:
+            capture = _capture_channels(add, key, spec.count(model, layer))
+            handles.append(spec.site(model, layer).register_forward_pre_hook(capture))
         else:
             _, experts = moe_parts(model, layer)
             hook = _capture_experts(add, key, n_experts(model))
@@ -419,7 +415,7 @@ def unit_means(
     for unit in units:
         key = (unit.layer, unit.kind)
         mean = sums[key] / counts[key].clamp_min(1).reshape(-1, *([1] * (sums[key].dim() - 1)))
-        out[unit] = mean[0] if unit.kind == "layer" else mean[max(unit.index, 0)]
+        out[unit] = mean[0] if unit.spec.segment is None else mean[max(unit.index, 0)]
     return out
 
 
@@ -440,11 +436,10 @@ def run_hooked(
             handle.remove()
 
 
-def _capture_channels(add: Any, key: tuple[int, str], heads: int) -> Any:
+def _capture_channels(add: Any, key: tuple[int, str], groups: int) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1])
-        groups = heads if heads else flat.shape[1]
         per = flat.reshape(flat.shape[0], groups, -1)
         add(key, per.sum(0), torch.full((groups,), float(flat.shape[0])))
 

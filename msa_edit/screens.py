@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,17 +32,19 @@ from torch.utils.hooks import RemovableHandle
 from msa_edit.errors import MsaEditError, short
 from msa_edit.games import token_nll
 from msa_edit.units import (
+    UNIT_KINDS,
     Unit,
     architecture,
     decoder_layers,
+    discover,
     mlp_width,
     moe_block,
-    select,
     submodule,
 )
 
-GateKind = Literal["heads", "neurons"]
-_GLOBS: dict[str, str] = {"heads": "layers.*.heads.*", "neurons": "layers.*.mlp.neurons.*"}
+GATE_KINDS = tuple(k.name for k in UNIT_KINDS.values() if k.channels is not None)
+"""Kinds a gradient screen ranks: those carried by input channels (heads, neurons, shared
+experts)."""
 
 
 # -- LAPE ---------------------------------------------------------------------------------------
@@ -171,23 +173,26 @@ def lape_ranking(prob: torch.Tensor, languages: Sequence[str], target: str) -> l
 def gate_attribution(
     model: nn.Module,
     blocks: Mapping[str, torch.Tensor],
-    kind: GateKind,
+    kind: str,
     *,
     batch_size: int = 8,
 ) -> tuple[list[Unit], torch.Tensor]:
     """First-order estimate of each unit's loss increase on removal, per language.
 
-    Returns every head (or MLP neuron) of the model, in canonical order, and
+    Returns every unit of `kind` (one of `GATE_KINDS`) of the model, in canonical order, and
     `[n_units, n_languages]` (float32, languages in the order of `blocks`): -dL/dg, where g is a
     gate multiplying the unit's output at g = 1 and L the language's mean next-token NLL over
     the predicted tokens of its blocks (`msa_edit.games.MeanNLL`). The model's parameters get no
     gradients and the model computes exactly what it did before.
     """
-    if kind not in _GLOBS:
-        raise MsaEditError(f"unknown unit kind {short(kind)}; choose 'heads' or 'neurons'")
+    if kind not in GATE_KINDS:
+        choose = ", ".join(GATE_KINDS)
+        raise MsaEditError(f"unknown unit kind {short(kind)}; choose one of {choose}")
     languages = _check_blocks(blocks, min_len=2)
-    units = select(model, _GLOBS[kind])
-    arch = architecture(model)
+    units = discover(model, [kind])
+    if not units:
+        raise MsaEditError(f"this model has no {kind}; choose one of {', '.join(GATE_KINDS)}")
+    spec = UNIT_KINDS[kind]
     layers = decoder_layers(model)
     sizes: dict[int, int] = {}
     for unit in units:
@@ -201,8 +206,7 @@ def gate_attribution(
     scores = torch.zeros(len(units), len(languages), dtype=torch.float64)
     with _eval(model), _frozen(params), torch.enable_grad(), _removing() as handles:
         for i, gate in gates.items():
-            site = submodule(layers[i], arch.attn_out if kind == "heads" else arch.mlp_down)
-            assert site is not None
+            site = spec.site(model, layers[i])
             handles.append(site.register_forward_pre_hook(_gate_hook(gate)))
         device = params[0].device
         for column, lang in enumerate(languages):
@@ -314,9 +318,9 @@ def _gradient_ranking(
     found: list[Unit] = []
     scores = []
     for kind in kinds:
-        if kind not in _GLOBS:
-            raise MsaEditError(f"screen gradient ranks heads and neurons, not {kind}")
-        units, s = gate_attribution(model, blocks, kind)  # type: ignore[arg-type]
+        if kind not in GATE_KINDS:
+            raise MsaEditError(f"screen gradient ranks {', '.join(GATE_KINDS)}, not {kind}")
+        units, s = gate_attribution(model, blocks, kind)
         found += units
         scores.append(s)
     return specific_select(torch.cat(scores), found, list(blocks), target, len(found))

@@ -1,15 +1,19 @@
-"""Canonical unit names and where each architecture keeps its experts, heads, neurons and layers.
+"""Canonical unit names, the unit kinds, and where each architecture keeps its units.
 
 A unit prints as its canonical name and parses back from it:
-`layers.{L}.experts.{E}`, `layers.{L}.heads.{H}`, `layers.{L}.mlp.neurons.{N}`, `layers.{L}`.
-Per-architecture knowledge lives in `ARCHITECTURES`, one entry per `model_type`.
+`layers.{L}.experts.{E}`, `layers.{L}.heads.{H}`, `layers.{L}.mlp.neurons.{N}`,
+`layers.{L}.shared_experts.{S}`, `layers.{L}`.
+Two registries hold what the rest of the package asks: `UNIT_KINDS`, one `UnitKind` per kind
+(its name segment, how many a layer has, the projection that carries it, how it is removed and
+plotted), and `ARCHITECTURES`, one entry per `model_type`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any, Literal, cast
 
 import torch
@@ -18,10 +22,7 @@ from torch import nn
 from msa_edit.errors import MsaEditError, short
 from msa_edit.routers import ROUTERS, Router, RouterFlags
 
-Kind = Literal["experts", "heads", "neurons", "layer"]
-KINDS: tuple[Kind, ...] = ("experts", "heads", "neurons", "layer")
-
-_NAME = re.compile(r"layers\.([0-9]+)(?:\.(experts|heads|mlp\.neurons)\.([0-9]+))?")
+Kind = Literal["experts", "heads", "neurons", "shared_experts", "layer"]
 MAX_INDEX = 2**31 - 1
 """The largest layer or unit index a name may hold; larger ones would overflow index tensors."""
 
@@ -41,10 +42,17 @@ class Unit:
     index: int = -1
 
     def __str__(self) -> str:
-        if self.kind == "layer":
-            return f"layers.{self.layer}"
-        middle = "mlp.neurons" if self.kind == "neurons" else self.kind
-        return f"layers.{self.layer}.{middle}.{self.index}"
+        segment = self.spec.segment
+        return (
+            f"layers.{self.layer}"
+            if segment is None
+            else f"layers.{self.layer}.{segment}.{self.index}"
+        )
+
+    @property
+    def spec(self) -> UnitKind:
+        """The registry entry of this unit's kind."""
+        return UNIT_KINDS[self.kind]
 
     def __repr__(self) -> str:
         return f"Unit('{self}')"
@@ -59,11 +67,12 @@ class Unit:
         Traceback (most recent call last):
         msa_edit.errors.MsaEditError: unit name '...' has an index above 2147483647; use ...
         """
-        match = _NAME.fullmatch(name.strip()) if isinstance(name, str) else None
+        match = _name_regex().fullmatch(name.strip()) if isinstance(name, str) else None
         if match is None:
+            forms = [f"layers.L.{k.segment}.{k.letter}" for k in UNIT_KINDS.values() if k.segment]
             raise MsaEditError(
-                f"malformed unit name {short(name)}; use layers.L, layers.L.experts.E, "
-                "layers.L.heads.H or layers.L.mlp.neurons.N (0-based)"
+                f"malformed unit name {short(name)}; use layers.L, {', '.join(forms[:-1])} "
+                f"or {forms[-1]} (0-based)"
             )
         layer, kind, index = match.groups()
         numbers = [n for n in (layer, index) if n is not None]
@@ -74,7 +83,8 @@ class Unit:
             )
         if kind is None:
             return cls(int(layer), "layer")
-        return cls(int(layer), "neurons" if kind == "mlp.neurons" else kind, int(index))  # type: ignore[arg-type]
+        by_segment = {k.segment: k.name for k in UNIT_KINDS.values()}
+        return cls(int(layer), by_segment[kind], int(index))
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,8 @@ class Architecture:
     """The fused experts' per-expert tensors through which an expert writes (weight, bias)."""
     shared: str | None = None
     """The MoE block's always-on shared-expert MLP, whose `down_proj` writes to the residual."""
+    n_shared: str | None = None
+    """Config key of the shared experts' count (their MLP is that many experts wide); else 1."""
 
 
 _LLAMA = Architecture("model.layers", "self_attn.o_proj", "num_attention_heads", "mlp.down_proj")
@@ -125,6 +137,7 @@ _DEEPSEEK = Architecture(
     n_experts="n_routed_experts",
     route="sigmoid_group_top_k",
     shared="shared_experts",
+    n_shared="n_shared_experts",
 )
 ARCHITECTURES: dict[str, Architecture] = {
     "mixtral": Architecture(
@@ -256,44 +269,142 @@ def mlp_width(module: nn.Module) -> int:
     return int(width)
 
 
+def n_shared_experts(model: nn.Module) -> int:
+    """Shared experts per MoE layer (0 when the family has none)."""
+    arch = architecture(model)
+    if arch.shared is None:
+        return 0
+    return 1 if arch.n_shared is None else int(getattr(model.config, arch.n_shared))
+
+
+# ---- the unit kinds ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitKind:
+    """One kind of unit, with everything the package asks about it.
+
+    `count(model, layer)` says how many the decoder layer has (0: none). Units with `channels`
+    are equal slices of the input channels of that projection (a head's columns of the attention
+    output, one neuron, one shared expert's share of the shared MLP): lesions, scaling and IA³
+    export act on those channels. `routed` units (experts) are lesioned through the router;
+    a unit kind without a `segment` is the whole layer. `removal` names how `remove` edits it:
+    "reroute" (sliced out of router and experts), "slice" (cut out of the MLP where the config
+    allows, else zeroed), "zero" (its channels zeroed), None (not removable; scale it by 0).
+    """
+
+    name: Kind
+    segment: str | None
+    letter: str
+    axis: str
+    count: Callable[[nn.Module, nn.Module], int]
+    channels: Callable[[nn.Module, nn.Module], nn.Module | None] | None = None
+    routed: bool = False
+    removal: Literal["reroute", "slice", "zero"] | None = "zero"
+    holder: str = ""
+    """What a layer lacks when it has none of these units ("dense MLP"); default the name."""
+
+    @property
+    def heatmap(self) -> str:
+        """The run directory's heat-map file of this kind."""
+        return f"heatmap_{self.segment.rsplit('.', 1)[-1] if self.segment else 'layers'}.png"
+
+    def site(self, model: nn.Module, layer: nn.Module) -> nn.Module:
+        """The projection whose input channels carry this kind's units in `layer`."""
+        found = None if self.channels is None else self.channels(model, layer)
+        if found is None:
+            raise MsaEditError(f"{self.name} have no channel site in {type(layer).__name__}")
+        return found
+
+
+def _dense_down(model: nn.Module, layer: nn.Module) -> nn.Module | None:
+    if moe_block(model, layer) is not None:
+        return None
+    return submodule(layer, architecture(model).mlp_down)
+
+
+def _shared_down(model: nn.Module, layer: nn.Module) -> nn.Module | None:
+    block, shared = moe_block(model, layer), architecture(model).shared
+    return None if block is None or shared is None else submodule(block, f"{shared}.down_proj")
+
+
+def _n_neurons(model: nn.Module, layer: nn.Module) -> int:
+    down = _dense_down(model, layer)
+    return 0 if down is None else mlp_width(down)
+
+
+UNIT_KINDS: dict[str, UnitKind] = {
+    k.name: k
+    for k in (
+        UnitKind(
+            "experts", "experts", "E", "expert",
+            lambda m, layer: n_experts(m) if moe_block(m, layer) is not None else 0,
+            routed=True, removal="reroute",
+        ),
+        UnitKind(
+            "heads", "heads", "H", "head", lambda m, layer: n_heads(m),
+            channels=lambda m, layer: submodule(layer, architecture(m).attn_out),
+        ),
+        UnitKind(
+            "neurons", "mlp.neurons", "N", "neuron", _n_neurons, channels=_dense_down,
+            removal="slice", holder="dense MLP",
+        ),
+        UnitKind(
+            "shared_experts", "shared_experts", "S", "shared expert",
+            lambda m, layer: n_shared_experts(m) if _shared_down(m, layer) is not None else 0,
+            channels=_shared_down,
+        ),
+        UnitKind("layer", None, "", "layer", lambda m, layer: 1, removal=None),
+    )
+}  # fmt: skip
+KINDS: tuple[Kind, ...] = tuple(k.name for k in UNIT_KINDS.values())
+
+
+@cache
+def _name_regex() -> re.Pattern[str]:
+    segments = "|".join(re.escape(k.segment) for k in UNIT_KINDS.values() if k.segment)
+    return re.compile(rf"layers\.([0-9]+)(?:\.({segments})\.([0-9]+))?")
+
+
 def discover(model: nn.Module, kinds: Iterable[Kind] = KINDS) -> list[Unit]:
     """Every unit of the requested kinds, in canonical order (layer, kind, index).
 
-    Experts exist in MoE layers, neurons in dense MLP layers, heads and layers everywhere.
+    Experts and shared experts exist in MoE layers, neurons in dense MLP layers, heads and
+    layers everywhere.
     """
-    arch = architecture(model)
-    wanted = set(kinds)
+    wanted = [UNIT_KINDS[k] for k in dict.fromkeys(kinds)]
     units: list[Unit] = []
-    heads, experts = n_heads(model), n_experts(model)
     for i, layer in enumerate(decoder_layers(model)):
-        if "layer" in wanted:
-            units.append(Unit(i, "layer"))
-        if "experts" in wanted and moe_block(model, layer) is not None:
-            units += [Unit(i, "experts", e) for e in range(experts)]
-        if "heads" in wanted:
-            units += [Unit(i, "heads", h) for h in range(heads)]
-        down = submodule(layer, arch.mlp_down)
-        if "neurons" in wanted and down is not None and moe_block(model, layer) is None:
-            units += [Unit(i, "neurons", n) for n in range(mlp_width(down))]
+        for kind in wanted:
+            count = kind.count(model, layer)
+            units += [Unit(i, kind.name, -1 if kind.segment is None else n) for n in range(count)]
     return sorted(units)
 
 
 def summarize(units: Sequence[Unit]) -> str:
     """A short description of a unit set, e.g. 'layers.0-3.experts.0-7 (32)'."""
     parts = []
-    for kind in KINDS:
-        of_kind = [u for u in units if u.kind == kind]
+    for kind in UNIT_KINDS.values():
+        of_kind = [u for u in units if u.spec is kind]
         if not of_kind:
             continue
         layers = sorted({u.layer for u in of_kind})
         span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-        if kind == "layer":
+        if kind.segment is None:
             parts.append(f"layers.{span} ({len(of_kind)})")
             continue
         idx = sorted({u.index for u in of_kind})
-        sample = Unit(0, kind, 0).__str__().split(".", 2)[2].rsplit(".", 1)[0]
-        parts.append(f"layers.{span}.{sample}.{idx[0]}-{idx[-1]} ({len(of_kind)})")
+        parts.append(f"layers.{span}.{kind.segment}.{idx[0]}-{idx[-1]} ({len(of_kind)})")
     return ", ".join(parts) or "no units"
+
+
+_NUMBER = re.compile(r"^[0-9*?]+$")
+
+
+def _segment_matches(glob: str, word: str) -> bool:
+    """Whether a one-segment glob matches `word`."""
+    regex = re.escape(glob).replace(r"\*", "[^.]*").replace(r"\?", "[^.]")
+    return re.fullmatch(regex, word) is not None
 
 
 def glob_regex(pattern: str) -> re.Pattern[str]:
@@ -316,7 +427,7 @@ def select(model: nn.Module, names: str | Sequence[str]) -> list[Unit]:
     patterns = [names] if isinstance(names, str) else list(names)
     if not patterns:
         raise MsaEditError("no units named; give names or globs such as 'layers.*.experts.*'")
-    kinds = {k for p in patterns for k in _kinds_of(p)}
+    kinds = {k for p in patterns for k in kinds_of(p)}
     by_name = {str(u): u for u in discover(model, kinds)}
     chosen: set[Unit] = set()
     for pattern in patterns:
@@ -331,8 +442,24 @@ def select(model: nn.Module, names: str | Sequence[str]) -> list[Unit]:
     return sorted(chosen)
 
 
-def _kinds_of(pattern: str) -> set[Kind]:
-    """Unit kinds a pattern can name, from its number of dotted segments."""
-    return {2: {"layer"}, 4: {"experts", "heads"}, 5: {"neurons"}}.get(
-        pattern.strip().count(".") + 1, set()
-    )  # type: ignore[return-value]
+def kinds_of(pattern: str) -> set[Kind]:
+    """Unit kinds a canonical name or glob can name (empty: none).
+
+    >>> sorted(kinds_of("layers.*.*.0")), kinds_of("layers.2.mlp.neurons.*"), kinds_of("layer.1")
+    (['experts', 'heads', 'shared_experts'], {'neurons'}, set())
+    """
+    parts = pattern.strip().split(".")
+    if len(parts) < 2 or not _segment_matches(parts[0], "layers") or not _NUMBER.match(parts[1]):
+        return set()
+    if len(parts) == 2:
+        return {"layer"}
+    middle = parts[2:-1]
+    if not _NUMBER.match(parts[-1]):
+        return set()
+    return {
+        k.name
+        for k in UNIT_KINDS.values()
+        if k.segment is not None
+        and len(k.segment.split(".")) == len(middle)
+        and all(_segment_matches(g, w) for g, w in zip(middle, k.segment.split("."), strict=True))
+    }

@@ -157,11 +157,11 @@ def test_mirrored_constants_match_their_modules() -> None:
 
 
 def _unit_counts(out: str) -> dict[str, int]:
-    rows = re.findall(r"^(experts|heads|neurons|layer)\s+(\d+)\s", out, re.M)
+    rows = re.findall(r"^(experts|heads|neurons|shared_experts|layer)\s+(\d+)\s", out, re.M)
     return {kind: int(count) for kind, count in rows}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "llama"])
+@pytest.mark.parametrize("family", ["mixtral", "llama", "deepseek_v3"])
 def test_units_counts_match_discover(family, tmp_path, capsys) -> None:
     from tiny_models import build
 
@@ -174,7 +174,10 @@ def test_units_counts_match_discover(family, tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert out.splitlines()[0] == f"units of {tmp_path / family} ({family}, 2 layers)"
     assert _unit_counts(out) == {kind: len(discover(model, [kind])) for kind in KINDS}
-    kind, glob = ("experts", "experts.*") if family == "mixtral" else ("neurons", "mlp.neurons.*")
+    kind, glob = {
+        "llama": ("neurons", "mlp.neurons.*"),
+        "deepseek_v3": ("shared_experts", "shared_experts.*"),
+    }.get(family, ("experts", "experts.*"))
     per_layer = len(discover(model, [kind])) // 2
     assert f"layers 0-1  {per_layer} per layer  glob layers.*.{glob}" in out
 

@@ -214,7 +214,7 @@ def test_hooks_and_flags_restored_after_an_error(llama, blocks):
             call()
         assert not any(m._forward_pre_hooks for m in model.modules())
         assert all(p.grad is None and p.requires_grad for p in model.parameters())
-    with pytest.raises(MsaEditError, match="choose 'heads' or 'neurons'"):
+    with pytest.raises(MsaEditError, match="choose one of heads, neurons, shared_experts"):
         gate_attribution(model, blocks, "experts")  # type: ignore[arg-type]
 
 

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from msa_edit.edit.apply import apply_plan
 from msa_edit.edit.experts import check_removal, remove_experts
-from msa_edit.edit.prune import remove_heads, remove_neurons, scale_units
+from msa_edit.edit.prune import remove_channels, remove_neurons, scale_units
 from msa_edit.edit.record import EditRecord
 
 __all__ = [
     "EditRecord",
     "apply_plan",
     "check_removal",
+    "remove_channels",
     "remove_experts",
-    "remove_heads",
     "remove_neurons",
     "scale_units",
 ]

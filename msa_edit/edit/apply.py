@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from msa_edit.edit.experts import Extra, check_removal, remove_experts
-from msa_edit.edit.prune import remove_heads, remove_neurons, scale_units
+from msa_edit.edit.prune import remove_channels, remove_neurons, scale_units
 from msa_edit.edit.record import EditRecord
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import Lesion
@@ -16,7 +16,8 @@ from msa_edit.units import Unit
 def apply_plan(model: nn.Module, plan: Plan, *, extra: Extra = "refuse") -> list[EditRecord]:
     """Edit `model` in place as `plan` says; every check runs before any weight changes.
 
-    remove/prune: experts are sliced out (= `reroute`), heads and neurons removed (= `zero`);
+    remove/prune: each kind as its `UnitKind.removal` says — experts sliced out (= `reroute`),
+    neurons sliced or zeroed, heads and shared experts zeroed (= `zero`);
     scale: each unit's output is multiplied by `plan.alpha[unit]` (= `scale`). `extra` is what
     `remove_experts` does with experts beyond a uniform per-layer count ("zero" or "refuse").
     """
@@ -28,25 +29,26 @@ def apply_plan(model: nn.Module, plan: Plan, *, extra: Extra = "refuse") -> list
         if missing:
             raise MsaEditError(f"scale plan has no alpha for {missing}; add them to plan.alpha")
         return [scale_units(model, {u: float(plan.alpha[str(u)]) for u in units})]
-    by_kind: dict[str, list[Unit]] = {}
+    by_removal: dict[str, list[Unit]] = {}
     for unit in units:
-        by_kind.setdefault(unit.kind, []).append(unit)
-    if "layer" in by_kind:
-        raise MsaEditError("removing whole layers is not supported; scale them by 0 instead")
-    _dry_run(model, by_kind, extra)
+        if unit.spec.removal is None:
+            raise MsaEditError(f"removing {unit} is not supported; scale it by 0 instead")
+        by_removal.setdefault(unit.spec.removal, []).append(unit)
+    _dry_run(model, by_removal, extra)
     records = []
-    for kind, group in sorted(by_kind.items()):
-        if kind == "experts":
+    for removal, group in sorted(by_removal.items()):
+        if removal == "reroute":
             records.append(remove_experts(model, group, extra=extra))
         else:
-            records.append((remove_heads if kind == "heads" else remove_neurons)(model, group))
+            editor = remove_neurons if removal == "slice" else remove_channels
+            records.append(editor(model, group))
     return records
 
 
-def _dry_run(model: nn.Module, by_kind: dict[str, list[Unit]], extra: Extra) -> None:
+def _dry_run(model: nn.Module, by_removal: dict[str, list[Unit]], extra: Extra) -> None:
     """Validate every group before editing any, so a bad later group leaves the model untouched."""
-    for kind, group in by_kind.items():
-        if kind == "experts":
+    for removal, group in by_removal.items():
+        if removal == "reroute":
             check_removal(model, group, extra)
         else:
             Lesion(model, group, "zero")  # checks the units exist in this model

@@ -129,7 +129,7 @@ def _config(src: Path) -> dict[str, Any]:
 
 
 Role = tuple[str, int, int]
-"""(kind, layer, expert) of a tensor: kind is "router" or "fused" (first axis = experts),
+"""(what, layer, expert) of a tensor: what is "router" or "fused" (first axis = experts),
 "expert" (one expert's tensor; expert = its index) or "other" (copied as it is)."""
 
 
@@ -156,11 +156,11 @@ def _entry(
     zeroed: dict[int, list[int]],
 ) -> Entry | None:
     """The output tensor for one input tensor (None when the tensor goes)."""
-    kind, layer, expert = role
+    what, layer, expert = role
     gone, zero = set(sliced.get(layer, ())), set(zeroed.get(layer, ()))
-    if kind == "other" or (kind in ("router", "fused") and not gone and not zero):
+    if what == "other" or (what in ("router", "fused") and not gone and not zero):
         return Entry(key, info.dtype, info.shape, lambda: copy_chunks(shard, info))
-    if kind == "expert":
+    if what == "expert":
         if expert in gone:
             return None
         new = expert - sum(e < expert for e in gone)
@@ -169,7 +169,7 @@ def _entry(
             return Entry(name, info.dtype, info.shape, lambda: _zeros(info.nbytes))
         return Entry(name, info.dtype, info.shape, lambda: copy_chunks(shard, info))
     keep = [e for e in range(info.shape[0]) if e not in gone]
-    blank = zero if kind == "fused" else set()  # routing is unchanged for zeroed experts
+    blank = zero if what == "fused" else set()  # routing is unchanged for zeroed experts
     return Entry(
         key, info.dtype, (len(keep), *info.shape[1:]), lambda: _rows(shard, info, keep, blank)
     )

@@ -111,7 +111,7 @@ def removal_layout(
         raise MsaEditError(f"unknown extra={extra!r}; use 'refuse' or 'zero'")
     per_layer: dict[int, list[int]] = {i: [] for i in moe_layers}
     for unit in sorted(set(units)):
-        if unit.kind != "experts" or unit.layer not in per_layer or not 0 <= unit.index < total:
+        if not unit.spec.routed or unit.layer not in per_layer or not 0 <= unit.index < total:
             raise MsaEditError(
                 f"{unit} is not an expert of this model (MoE layers {list(moe_layers)}, "
                 f"{total} experts each)"

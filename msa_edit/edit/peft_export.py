@@ -5,6 +5,7 @@ exactly `msa_edit.lesions.scaled` for:
 
 - heads: the attention output projection's input, alpha repeated over the head's channels;
 - neurons: the MLP down projection's input, alpha at the neuron's channel;
+- shared experts: the shared MLP down projection's input, alpha over the expert's share;
 - layers with alpha 0: the outputs of the attention output and MLP down projections (bias included),
   so the layer adds nothing to the residual stream.
 
@@ -37,7 +38,6 @@ from msa_edit.units import (
     decoder_layers,
     mlp_width,
     moe_block,
-    n_heads,
     submodule,
 )
 
@@ -88,14 +88,15 @@ def ia3_vectors(
     """
     _validate(model, factors)
     names = {module: name for name, module in model.named_modules()}
-    zeroed = {u.layer for u, alpha in factors.items() if u.kind == "layer" and alpha == 0.0}
+    zeroed = {u.layer for u, alpha in factors.items() if u.spec.segment is None and alpha == 0.0}
     inputs: dict[str, torch.Tensor] = {}
     for unit, alpha in sorted(factors.items()):
-        if unit.kind == "layer" or unit.layer in zeroed or alpha == 1.0:
+        if unit.spec.segment is None or unit.layer in zeroed or alpha == 1.0:
             continue
-        module = _site(model, unit)
+        layer = decoder_layers(model)[unit.layer]
+        module = unit.spec.site(model, layer)
         vector = inputs.setdefault(names[module], torch.ones(mlp_width(module)))
-        width = len(vector) // n_heads(model) if unit.kind == "heads" else 1
+        width = len(vector) // unit.spec.count(model, layer)
         vector[unit.index * width : (unit.index + 1) * width] = float(alpha)
     outputs = {names[m]: torch.zeros(_out_width(m)) for i in zeroed for m in _writers(model, i)}
     return inputs, outputs
@@ -106,28 +107,19 @@ def _validate(model: nn.Module, factors: Mapping[Unit, float]) -> None:
     Lesion(model, list(factors), "zero")  # checks that the units exist
     fix = "bake the edit into weights with msa_edit.edit.scale_units instead"
     for unit, alpha in factors.items():
-        if unit.kind == "experts":
+        if unit.spec.routed:
             raise MsaEditError(
                 f"IA³ cannot scale {unit}: fused experts are an nn.Parameter, not a Linear, and "
                 f"PEFT's IA³ has no target_parameters; {fix}"
             )
-        if unit.kind == "layer" and alpha not in (0.0, 1.0):
+        if unit.spec.segment is None and alpha not in (0.0, 1.0):
             raise MsaEditError(
                 f"IA³ cannot scale {unit} by {alpha} (its MLP would see the scaled attention "
                 f"update); use alpha 0 or 1, scale its heads and neurons, or {fix}"
             )
         layer = decoder_layers(model)[unit.layer]
-        if unit.kind == "layer" and alpha == 0.0 and moe_block(model, layer) is not None:
+        if unit.spec.segment is None and alpha == 0.0 and moe_block(model, layer) is not None:
             raise MsaEditError(f"IA³ cannot zero {unit}: its MoE block has fused experts; {fix}")
-
-
-def _site(model: nn.Module, unit: Unit) -> nn.Module:
-    """The projection whose input channels carry `unit` (heads or neurons)."""
-    arch = architecture(model)
-    path = arch.attn_out if unit.kind == "heads" else arch.mlp_down
-    found = submodule(decoder_layers(model)[unit.layer], path)
-    assert found is not None, (unit, path)
-    return found
 
 
 def _writers(model: nn.Module, layer_idx: int) -> list[nn.Module]:

@@ -1,8 +1,10 @@
-"""Prune heads and neurons, and bake `scale` lesions into weights, in place.
+"""Prune heads, shared experts and neurons, and bake `scale` lesions into weights, in place.
 
-- `remove_heads`: zero the heads' input columns of the attention output projection (equals the
-  `zero` lesion). transformers 5 dropped `prune_heads`/`config.pruned_heads`, so no family can
-  save structurally smaller attention that plain `from_pretrained` reloads.
+- `remove_channels`: zero the units' input columns of the projection that carries them (heads:
+  the attention output projection; shared experts: their share of the shared MLP's down
+  projection); equals the `zero` lesion. transformers 5 dropped `prune_heads`/
+  `config.pruned_heads`, so no family can save structurally smaller attention that plain
+  `from_pretrained` reloads.
 - `remove_neurons`: slice the neurons out of the MLP (smaller `intermediate_size`/`n_inner`) when
   every dense layer loses the same number and the family is Llama-like or GPT-2; otherwise zero
   their down-projection input. Both equal the `zero` lesion.
@@ -12,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,13 +23,13 @@ from msa_edit.edit.record import EditRecord, n_params, names
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import Lesion
 from msa_edit.units import (
+    UNIT_KINDS,
     Unit,
     architecture,
     decoder_layers,
     mlp_width,
     moe_block,
     moe_parts,
-    n_heads,
     submodule,
 )
 
@@ -42,16 +44,21 @@ _STRUCTURAL_MLP: dict[str, tuple[tuple[str, ...], str]] = {
 """Per model type: the MLP's input projections (sliced by output) and the config width attr."""
 
 
-def remove_heads(model: nn.Module, units: Sequence[Unit]) -> EditRecord:
-    """Zero the heads' columns of the attention output projection (the `zero` lesion).
+def remove_channels(model: nn.Module, units: Sequence[Unit]) -> EditRecord:
+    """Zero the units' input columns of the projection that carries them (the `zero` lesion):
+    every kind whose `UnitKind.removal` is "zero" (heads, shared experts).
 
-    >>> # record = remove_heads(copy.deepcopy(model), select(model, "layers.1.heads.2"))
+    >>> # record = remove_channels(copy.deepcopy(model), select(model, "layers.1.heads.2"))
     """
-    _validate(model, units, {"heads"})
+    _validate(model, units, {k.name for k in UNIT_KINDS.values() if k.removal == "zero"})
     before = n_params(model)
     scale_units(model, dict.fromkeys(units, 0.0))
-    note = "zeroed o_proj input columns; transformers 5 cannot save structurally pruned heads"
-    return EditRecord("prune_heads", names(units), "zero", before, n_params(model), (note,))
+    kinds = sorted({u.kind for u in units})
+    note = (
+        "zeroed their input columns; transformers 5 cannot save a smaller attention or shared MLP"
+    )
+    action = "prune_" + "+".join(kinds)
+    return EditRecord(action, names(units), "zero", before, n_params(model), (note,))
 
 
 def remove_neurons(model: nn.Module, units: Sequence[Unit]) -> EditRecord:
@@ -79,15 +86,15 @@ def remove_neurons(model: nn.Module, units: Sequence[Unit]) -> EditRecord:
 def scale_units(model: nn.Module, factors: Mapping[Unit, float]) -> EditRecord:
     """Bake `scaled(model, factors)` into weights: each unit's output times its alpha.
 
-    Experts: `down_proj[e]`; heads: attention output-projection input columns; neurons: the
-    down-projection input column; layers: only alpha 0 (zero every residual write) or 1, since a
-    scaled attention update would change what the layer's MLP sees.
+    Experts: `down_proj[e]` (and its bias); heads, neurons and shared experts: their input columns
+    of the projection that carries them; layers: only alpha 0 (zero every residual write) or 1,
+    since a scaled attention update would change what the layer's MLP sees.
 
     >>> # record = scale_units(copy.deepcopy(model), {Unit(1, "experts", 3): 0.5})
     """
-    _validate(model, list(factors), {"experts", "heads", "neurons", "layer"})
+    _validate(model, list(factors), set(UNIT_KINDS))
     for unit, alpha in factors.items():
-        if unit.kind == "layer" and alpha not in (0.0, 1.0):
+        if unit.spec.segment is None and alpha not in (0.0, 1.0):
             raise MsaEditError(
                 f"cannot bake scale {alpha} of {unit} into weights (its MLP would see the scaled "
                 "attention update); use alpha 0 or 1, or scale its heads and neurons instead"
@@ -115,14 +122,14 @@ def _validate(model: nn.Module, units: Sequence[Unit], kinds: set[str]) -> None:
 
 
 def _weights(model: nn.Module, unit: Unit) -> list[torch.Tensor]:
+    """The weights through which `unit` writes."""
     layer = decoder_layers(model)[unit.layer]
-    if unit.kind == "experts":
-        return [_experts(model, layer).down_proj]
-    if unit.kind == "heads":
-        return [_module(layer, architecture(model).attn_out).weight]
-    if unit.kind == "neurons":
-        return [_down(model, unit.layer).weight]
-    return [p for _, p in _layer_writers(model, unit.layer)]
+    if unit.spec.segment is None:
+        return [p for _, p in _layer_writers(model, unit.layer)]
+    if unit.spec.routed:
+        fused = _experts(model, layer)
+        return [getattr(fused, name) for name in architecture(model).expert_out]
+    return [cast(torch.Tensor, unit.spec.site(model, layer).weight)]
 
 
 def _module(layer: nn.Module, path: str | None) -> Any:
@@ -156,20 +163,17 @@ def _out_dim(module: nn.Module) -> int:
 def _scale(model: nn.Module, unit: Unit, alpha: float) -> None:
     """Multiply the weights through which `unit` writes by alpha."""
     layer = decoder_layers(model)[unit.layer]
-    if unit.kind == "experts":
-        fused = _experts(model, layer)
-        for name in architecture(model).expert_out:
-            getattr(fused, name)[unit.index] *= alpha
-    elif unit.kind == "heads":
-        out = _module(layer, architecture(model).attn_out)
-        width = out.weight.shape[_in_dim(out)] // n_heads(model)
-        out.weight.narrow(_in_dim(out), unit.index * width, width).mul_(alpha)
-    elif unit.kind == "neurons":
-        down = _down(model, unit.layer)
-        down.weight.narrow(_in_dim(down), unit.index, 1).mul_(alpha)
-    elif alpha != 1.0:
-        for _, param in _layer_writers(model, unit.layer):
-            param.mul_(alpha)
+    if unit.spec.segment is None:
+        if alpha != 1.0:
+            for _, param in _layer_writers(model, unit.layer):
+                param.mul_(alpha)
+    elif unit.spec.routed:
+        for weight in _weights(model, unit):
+            weight[unit.index] *= alpha
+    else:
+        site: Any = unit.spec.site(model, layer)
+        width = site.weight.shape[_in_dim(site)] // unit.spec.count(model, layer)
+        site.weight.narrow(_in_dim(site), unit.index * width, width).mul_(alpha)
 
 
 def _layer_writers(model: nn.Module, layer_idx: int) -> list[tuple[str, Any]]:

@@ -21,18 +21,10 @@ import torch
 
 from msa_edit.atomic import atomic_path
 from msa_edit.errors import MsaEditError
-from msa_edit.units import Kind, Unit
+from msa_edit.units import UNIT_KINDS, Kind, Unit
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-AXIS_LABEL: dict[Kind, str] = {
-    "experts": "expert",
-    "heads": "head",
-    "neurons": "neuron",
-    "layer": "",
-}
-"""The x-axis of each kind's grid; whole layers are one column."""
 
 
 def _pyplot() -> Any:
@@ -106,11 +98,12 @@ def unit_grid(
             raise MsaEditError(f"units of kinds {kinds} are mixed; pass kind= to pick one")
         kind = units[0].kind
     values = values.reshape(len(units), -1)
-    rows = [row for row, unit in enumerate(units) if unit.kind == kind]
+    spec = UNIT_KINDS[kind]
+    rows = [row for row, unit in enumerate(units) if unit.spec is spec]
     if not rows:
         raise MsaEditError(f"no {kind} units among {len(units)}; pick one of {kinds}")
     layers = max(units[r].layer for r in rows) + 1
-    width = 1 if kind == "layer" else max(units[r].index for r in rows) + 1
+    width = 1 if spec.segment is None else max(units[r].index for r in rows) + 1
     grid = torch.full((values.shape[1], layers, width), math.nan, dtype=torch.float64)
     for row in rows:
         unit = units[row]
@@ -126,7 +119,7 @@ def expert_grid(values: torch.Tensor, units: Sequence[Unit]) -> torch.Tensor:
     >>> g.shape, g[0, 1, 0].item()
     (torch.Size([1, 2, 2]), 2.0)
     """
-    if any(u.kind != "experts" for u in units):
+    if any(not u.spec.routed for u in units):
         raise MsaEditError("expert_grid takes expert units only (layers.L.experts.E)")
     return unit_grid(values, units, "experts")
 
@@ -312,10 +305,12 @@ def unit_heatmaps(
     finite = grid[torch.isfinite(grid)]
     limit = (float(finite.abs().max()) if finite.numel() else 0.0) or 1.0
     n_targets, n_layers, width = grid.shape
-    present = sorted({(u.layer, max(u.index, 0)) for u in units if u.kind == kind})
-    cells = {(u.layer, max(u.index, 0)) for u in set(marked) if u.kind == kind}
+    spec = UNIT_KINDS[kind]
+    whole = spec.segment is None  # whole layers: one column
+    present = sorted({(u.layer, max(u.index, 0)) for u in units if u.spec is spec})
+    cells = {(u.layer, max(u.index, 0)) for u in set(marked) if u.spec is spec}
     layout = heatmap_layout(n_layers, width, n_targets, len(present))
-    axis = AXIS_LABEL[kind]
+    axis = "" if whole else spec.axis
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.85")
     fig, axes = plt.subplots(
         *layout.panels, figsize=layout.figsize, squeeze=False, constrained_layout=True
@@ -332,7 +327,7 @@ def unit_heatmaps(
     else:  # units (rows) x targets (columns), wrapped into blocks of `chunk` units
         table = torch.stack([grid[:, layer, index] for layer, index in present])
         names = [
-            str(layer) if kind == "layer" else str(index) if n_layers == 1 else f"{layer}: {index}"
+            str(layer) if whole else str(index) if n_layers == 1 else f"{layer}: {index}"
             for layer, index in present
         ]
         blocks = range(0, len(present), layout.chunk)
@@ -346,9 +341,7 @@ def unit_heatmaps(
         ]  # fmt: skip
         titles = [""] * len(images)
         xlabel = "target"
-        ylabel = axis if kind == "layer" or n_layers == 1 else f"layer: {axis}"
-        if kind == "layer":
-            ylabel = "layer"
+        ylabel = "layer" if whole else axis if n_layers == 1 else f"layer: {axis}"
     image = None
     for i, ax in enumerate(flat):
         if i >= len(images):
@@ -364,7 +357,7 @@ def unit_heatmaps(
         )
         _mark(ax, spot_sets[i], images[i].shape[1])
         ax.set_title(titles[i])
-        if kind == "layer" and layout.mode == "grid":
+        if whole and layout.mode == "grid":
             ax.set_xticks([])
         else:
             _ticks(ax.xaxis, col_sets[i])
@@ -394,7 +387,7 @@ def expert_heatmaps(
 
     Colours share one symmetric scale across targets so maps compare directly.
     """
-    if any(u.kind != "experts" for u in units):
+    if any(not u.spec.routed for u in units):
         raise MsaEditError("expert_heatmaps takes expert units only (layers.L.experts.E)")
     return unit_heatmaps(
         values, units, target_names, path, kind="experts", title=title, label=label, marked=marked

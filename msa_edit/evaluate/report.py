@@ -37,18 +37,12 @@ from msa_edit.rundir import (
     SCREEN_JSON,
     SHAPLEY_JSON,
 )
-from msa_edit.units import KINDS, Kind, Unit
+from msa_edit.units import UNIT_KINDS, Unit
 
 TOP_RANKING = 20
 TOP_CONVERGENCE = 5
 TOP_TABLE = 8
 NA = "n/a"
-HEATMAP_FILE: dict[Kind, str] = {
-    "experts": "heatmap_experts.png",
-    "heads": "heatmap_heads.png",
-    "neurons": "heatmap_neurons.png",
-    "layer": "heatmap_layers.png",
-}
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./+=,-]*")
 """Names shown as they are: no character here starts Markdown or HTML markup."""
 
@@ -293,8 +287,12 @@ def _summary(
     ev: Mapping[str, Any] | None,
 ) -> list[str]:
     meta = sh.meta
-    kinds = {k: sum(u.kind == k for u in sh.units) for k in KINDS}
-    counts = ", ".join(f"{n} {'layers' if k == 'layer' else k}" for k, n in kinds.items() if n)
+    kinds = {spec: sum(u.spec is spec for u in sh.units) for spec in UNIT_KINDS.values()}
+    counts = ", ".join(
+        f"{n} {spec.name.replace('_', ' ') if spec.segment else 'layers'}"
+        for spec, n in kinds.items()
+        if n
+    )
     budget = meta.get("budget")
     text = (
         f"Model {md_text(meta.get('model', 'unknown'), code=True)}: Multiperturbation "
@@ -467,11 +465,10 @@ def _figure(file: str, alt: str, caption: str) -> list[str]:
 def _heatmaps(run_dir: Path, sh: _Shapley, chosen: set[Unit]) -> list[str]:
     label = "Δ mean NLL (nats)" if _loss_like(sh.meta) else "Shapley value"
     lines = ["## Shapley values per target", ""]
-    for kind in KINDS:
-        if not any(u.kind == kind for u in sh.units):
+    for spec in UNIT_KINDS.values():
+        if not any(u.spec is spec for u in sh.units):
             continue
-        file = HEATMAP_FILE[kind]
-        axis = plots.AXIS_LABEL[kind] or "layer"
+        kind, file, axis = spec.name, spec.heatmap, spec.axis
         plots.unit_heatmaps(
             sh.values,
             sh.units,
@@ -482,7 +479,7 @@ def _heatmaps(run_dir: Path, sh: _Shapley, chosen: set[Unit]) -> list[str]:
             marked=chosen,
             title=f"Shapley value of each {axis} per target",
         )
-        columns = "one column" if kind == "layer" else f"columns are {axis} indices"
+        columns = "one column" if spec.segment is None else f"columns are {axis} indices"
         colours = (
             "blue (negative) = the unit lowers that target's loss, i.e. helps it; red (positive) "
             "= it raises the loss"

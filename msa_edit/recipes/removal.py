@@ -143,7 +143,7 @@ def check_feasible(
     """Raise before anything is written if the plan's budget or coalitions cannot work."""
     quota = Quota.from_budget(list(units), stage.budget(), layer_sizes)
     if stage.method == "search" and stage.mode == "least_useful" and stage.coalitions:
-        experts = all(u.kind == "experts" for u in units)
+        experts = all(u.spec.routed for u in units)
         fit_width(quota, stage.search_settings(), 2 * experts + with_shapley, stage.coalitions)
     if stage.method in ("loo", "search") and stage.coalitions:
         least = len(units) + 2

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -63,7 +64,7 @@ from msa_edit.games import (
 )
 from msa_edit.gguf import plain_path
 from msa_edit.half_embeddings import store_half
-from msa_edit.lesions import lesioned, scaled, unit_means
+from msa_edit.lesions import LESIONS, lesioned, scaled, unit_means
 from msa_edit.plan import Plan, make_plan
 from msa_edit.progress import format_duration
 from msa_edit.quantize import checkpoint_shards, load_quantized
@@ -338,7 +339,7 @@ def lesion_game(
     if objective is None:
         objective = MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
     lesion = recipe.lesion
-    means = unit_means(model, units, targets.input_ids) if lesion.kind == "mean" else None
+    means = unit_means(model, units, targets.input_ids) if LESIONS[lesion.kind].uses_means else None
     return LesionGame(
         model, units, targets, objective, lesion.kind,  # type: ignore[arg-type]
         alpha=lesion.alpha, means=means, max_rows=_estimator(recipe).rows_per_forward,
@@ -600,7 +601,7 @@ def _plan_without_shapley(recipe: Recipe, out: Path, loaded: Loaded | None, say:
     check_feasible(stage, units, sizes, shapley is not None)
     est = _estimator(recipe)
     routing = None
-    if all(u.kind == "experts" for u in units):
+    if all(u.spec.routed for u in units):
         routing = routing_stats(loaded.model, targets.input_ids, batch_size=est.rows_per_forward)
     game, checkpoint = None, None
     fingerprint = None
@@ -698,7 +699,7 @@ def check_editable(recipe: Recipe, model: PreTrainedModel, units: list[Unit]) ->
     stage = recipe.plan
     if (
         stage is None or stage.per_layer is None or stage.action == "scale"
-        or not units or any(u.kind != "experts" for u in units)
+        or not units or any(not u.spec.routed for u in units)
     ):  # fmt: skip
         return
     layers: dict[int, list[Unit]] = {}
@@ -724,7 +725,7 @@ def _streamable(recipe: Recipe, chosen: Plan) -> bool:
     return (
         chosen.action in ("remove", "prune")
         and bool(units)
-        and all(u.kind == "experts" for u in units)
+        and all(u.spec.routed for u in units)
         and recipe.edit.heal is None
     )
 
@@ -837,7 +838,7 @@ def candidate_metrics(
         units = [Unit.parse(n) for n in candidate["units"]]
         if not units:
             continue
-        if recipe.lesion.kind == "mean" and means is None:
+        if LESIONS[recipe.lesion.kind].uses_means and means is None:
             ids = load_targets(recipe, loaded.tokenizer).input_ids
             players = read_screen(recipe, out) or select(loaded.model, list(recipe.units))
             means = unit_means(loaded.model, players, ids)
@@ -859,7 +860,7 @@ def _lesion(
 ) -> AbstractContextManager[Any]:
     """The recipe's lesion of `units` on `model`, for the duration of a `with` block."""
     lesion = recipe.lesion
-    if lesion.kind == "scale":
+    if LESIONS[lesion.kind].scales:
         return scaled(model, {u: lesion.alpha for u in units})
     return lesioned(model, units, lesion.kind, means=means)  # type: ignore[arg-type]
 
@@ -1063,9 +1064,7 @@ def dry_run(recipe: Recipe, say: Say = say_line) -> str:
     est = _estimator(recipe)
     rows = targets.n_rows
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    kinds = ", ".join(
-        f"{sum(u.kind == k for u in units)} {k}" for k in sorted({u.kind for u in units})
-    )
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(u.kind for u in units).items()))
     device = next(loaded.model.parameters()).device
     start = time.perf_counter()
     with torch.no_grad():

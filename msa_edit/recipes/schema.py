@@ -44,12 +44,12 @@ from msa_edit import optional
 from msa_edit.errors import MsaEditError, short
 from msa_edit.games import Packing
 from msa_edit.hub import is_repo_id
-from msa_edit.lesions import LESION_KINDS
+from msa_edit.lesions import LESION_KINDS, LESIONS
 from msa_edit.plan import MAX_ALPHA, Action, Budget, Method, Mode
 from msa_edit.search import SearchSettings
 from msa_edit.shapley.estimate import METHODS
 from msa_edit.shapley.ray_backend import RayBackend
-from msa_edit.units import Unit
+from msa_edit.units import UNIT_KINDS, Unit, kinds_of
 
 __all__ = [
     "EditStage",
@@ -70,7 +70,6 @@ __all__ = [
 
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
 """Suffixes of local data files (what `games.text_blocks` reads); other names may be Hub ids."""
-_NUMBER = re.compile(r"^[0-9*?]+$")
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 """A target-set (language) name: it goes into reports, metric names (`nll/<name>`) and files."""
 MAX_YAML_VALUES = 100_000
@@ -102,32 +101,13 @@ def _check_unit_pattern(pattern: str) -> str:
         except MsaEditError as exc:
             raise ValueError(str(exc)) from None
         return pattern
-    if not _glob_ok(pattern.split(".")):
+    if not kinds_of(pattern):
         raise ValueError(
             f"malformed unit glob {_short(pattern)}; globs look like layers.*, layers.*.experts.*, "
-            "layers.0.heads.*, layers.*.mlp.neurons.* (`*` matches one dotted segment)"
+            "layers.0.heads.*, layers.*.mlp.neurons.*, layers.*.shared_experts.* (`*` matches one "
+            "dotted segment)"
         )
     return pattern
-
-
-def _glob_ok(parts: Sequence[str]) -> bool:
-    """Whether dotted glob segments can spell a unit name (2, 4 or 5 segments)."""
-    if len(parts) not in (2, 4, 5) or not _segment_matches(parts[0], ("layers",)):
-        return False
-    numbers = [parts[1], parts[-1]]
-    if len(parts) == 4 and not _segment_matches(parts[2], ("experts", "heads")):
-        return False
-    if len(parts) == 5 and not (
-        _segment_matches(parts[2], ("mlp",)) and _segment_matches(parts[3], ("neurons",))
-    ):
-        return False
-    return all(_NUMBER.match(n) for n in numbers)
-
-
-def _segment_matches(glob: str, words: Sequence[str]) -> bool:
-    """Whether a one-segment glob matches any of `words`."""
-    regex = re.escape(glob).replace(r"\*", "[^.]*").replace(r"\?", "[^.]")
-    return any(re.fullmatch(regex, w) for w in words)
 
 
 def _check_data_source(source: str, info: ValidationInfo) -> str:
@@ -183,19 +163,15 @@ def _check_set_names(names: Sequence[str], key: str) -> None:
             )
 
 
-def _segments(pattern: str) -> int:
-    """How many dotted segments a unit name or glob has (2 layers, 4 experts/heads, 5 neurons)."""
-    return len(pattern.strip().split("."))
-
-
 def _experts_only(pattern: str) -> bool:
     """Whether a unit name or glob can only name experts."""
-    parts = pattern.split(".")
-    return (
-        len(parts) == 4
-        and _segment_matches(parts[2], ("experts",))
-        and not _segment_matches(parts[2], ("heads",))
-    )
+    return kinds_of(pattern) == {"experts"}
+
+
+def _channels_only(pattern: str) -> bool:
+    """Whether a unit name or glob names channel units only (heads, neurons, shared experts)."""
+    kinds = kinds_of(pattern)
+    return bool(kinds) and all(UNIT_KINDS[k].channels is not None for k in kinds)
 
 
 PosInt = Annotated[StrictInt, Field(gt=0)]
@@ -357,7 +333,7 @@ class LesionStage(_Stage):
 
     @model_validator(mode="after")
     def _alpha_for_scale(self) -> LesionStage:
-        if self.kind != "scale" and self.alpha != 0.0:
+        if not LESIONS[self.kind].scales and self.alpha != 0.0:
             raise _At(("alpha",), f"only used with kind 'scale' (kind is {self.kind!r})")
         return self
 
@@ -641,7 +617,7 @@ class Recipe(_Stage):
     def _consistent(self) -> Recipe:
         if self.evaluate.heldout and self.model.tiny_moe is None:
             raise _At(("evaluate", "heldout"), "held-out text exists only for a model.tiny_moe")
-        if self.lesion.kind == "reroute":
+        if LESIONS[self.lesion.kind].routed_only:
             for i, pattern in enumerate(self.units):
                 if not _experts_only(pattern):
                     raise _At(
@@ -689,13 +665,13 @@ class Recipe(_Stage):
             raise _At(("screen",), "a screen ranks specificity: give two or more target sets")
         if "lape" in screen.method:
             for i, pattern in enumerate(self.units):
-                if _segments(pattern) != 5:
+                if kinds_of(pattern) != {"neurons"}:
                     raise _At(
                         ("screen", "method"),
                         f"lape ranks MLP neurons only but units.{i} is {pattern!r}; use gradient",
                     )
-        elif any(_segments(p) not in (4, 5) or _experts_only(p) for p in self.units):
-            raise _At(("screen", "method"), "gradient ranks heads and neurons only")
+        elif not all(_channels_only(p) for p in self.units):
+            raise _At(("screen", "method"), "gradient ranks heads, neurons and shared experts only")
 
     def to_yaml(self) -> str:
         """The recipe as YAML that `load_recipe` reads back to an equal `Recipe`."""
@@ -855,18 +831,18 @@ def _describe_one(err: Any) -> str:
     if isinstance(cause, _At):
         loc += cause.path
     path = ".".join(_clip(part, 40) for part in loc) or "recipe"
-    kind = err["type"]
-    if kind == "missing":
+    error_type = err["type"]
+    if error_type == "missing":
         return f"{path}: missing (required)"
-    if kind in ("model_type", "dict_type"):
+    if error_type in ("model_type", "dict_type"):
         return f"{path}: must be a mapping (got {_short(err.get('input'))})"
-    if kind == "extra_forbidden":
+    if error_type == "extra_forbidden":
         parent = _schema_at(loc[:-1], path) if loc[:-1] else Recipe
         return f"{path}: unknown key{_expected(parent)}"
     message = str(err["msg"]).removeprefix("Value error, ").split(", unable")[0]
     if message.startswith("Input should be "):
         message = "must be " + message.removeprefix("Input should be ")
-    if kind != "value_error" and not isinstance(cause, _At):
+    if error_type != "value_error" and not isinstance(cause, _At):
         message += f" (got {_short(err.get('input'))})"
     return _clip(f"{path}: {message}", 400)
 

@@ -10,7 +10,7 @@ import torch
 from tiny_models import MOE_FAMILIES, build
 from transformers import AutoModelForCausalLM
 
-from msa_edit.edit import EditRecord, remove_experts, remove_heads, remove_neurons, scale_units
+from msa_edit.edit import EditRecord, remove_channels, remove_experts, remove_neurons, scale_units
 from msa_edit.edit.record import n_params
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import lesioned, scaled
@@ -107,7 +107,7 @@ def test_head_removal_equals_zero_lesion(family, tokens, tmp_path) -> None:
     with lesioned(model, units, "zero"):
         expected = logits(model, tokens)
     edited = copy.deepcopy(model)
-    record = remove_heads(edited, units)
+    record = remove_channels(edited, units)
     assert (record.matches, record.params_saved) == ("zero", 0)
     assert (logits(reloaded(edited, tmp_path), tokens) - expected).abs().max() <= TOL
 
@@ -152,7 +152,7 @@ def test_scaling_equals_scale_lesion(family, tokens, tmp_path) -> None:
     [
         (lambda m: scale_units(m, {Unit(0, "layer"): 0.5}), "cannot bake scale 0.5"),
         (lambda m: scale_units(m, {Unit(0, "heads", 9): 0.5}), "has 4 heads"),
-        (lambda m: remove_heads(m, [Unit(0, "neurons", 1)]), "is not one of heads"),
+        (lambda m: remove_channels(m, [Unit(0, "neurons", 1)]), "is not one of heads"),
         (lambda m: remove_neurons(m, [Unit(0, "neurons", 400)]), "does not exist"),
         (lambda m: remove_neurons(m, [Unit(5, "neurons", 1)]), "the model has layers 0-1"),
     ],
