@@ -50,6 +50,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from msa_edit import optional
 from msa_edit.errors import MsaEditError
+from msa_edit.units import ARCHITECTURES
 
 __all__ = ["LinearExperts", "footprint", "load_quantized", "swap_fused_experts"]
 
@@ -63,11 +64,6 @@ bit/param)."""
 INT8_THRESHOLD = 6.0
 """LLM.int8() outlier threshold (the transformers default)."""
 
-_CHECKPOINT_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
-    "mixtral": ((".block_sparse_moe.", ".mlp."),),
-    "minimax": ((".block_sparse_moe.", ".mlp."),),
-}
-"""Per `model_type`: substring renames from checkpoint keys to the transformers 5 module tree."""
 _ROLES = {
     "w1": "gate",
     "gate_proj": "gate",
@@ -308,12 +304,15 @@ def _skeleton(config: Any, dtype: torch.dtype) -> PreTrainedModel:
 
 
 def _keep_unquantised(model: PreTrainedModel) -> set[str]:
-    """Names of `nn.Linear` modules that stay in `dtype`: the output head, routers, fp32 modules."""
+    """Names of `nn.Linear` modules that stay in `dtype`: the output head, routers (the module
+    name the architecture table gives, else "gate"), fp32 modules."""
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
     head = model.get_output_embeddings()
     names = {n for n, m in model.named_modules() if m is head}
+    arch = ARCHITECTURES.get(str(getattr(model.config, "model_type", "")))
+    router = "gate" if arch is None else arch.router
     for name, _ in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "gate" or any(k in name.split(".") for k in keep):
+        if name.rsplit(".", 1)[-1] == router or any(k in name.split(".") for k in keep):
             names.add(name)
     return names
 
@@ -427,7 +426,8 @@ def _iter_checkpoint(shards: list[Path]) -> Iterator[tuple[str, Any]]:
 def checkpoint_key(key: str, model_type: str) -> str:
     """A checkpoint's tensor name as the transformers 5 module tree names it (older Mixtral
     checkpoints say `block_sparse_moe` where transformers 5 says `mlp`)."""
-    for old, new in _CHECKPOINT_RENAMES.get(model_type, ()):
+    arch = ARCHITECTURES.get(model_type)
+    for old, new in arch.checkpoint_renames if arch is not None else ():
         key = key.replace(old, new)
     return key
 

@@ -116,9 +116,23 @@ class Architecture:
     """The MoE block's always-on shared-expert MLP, whose `down_proj` writes to the residual."""
     n_shared: str | None = None
     """Config key of the shared experts' count (their MLP is that many experts wide); else 1."""
+    mlp_inputs: tuple[str, ...] = ()
+    """The dense MLP's input projections, sliced by output when neurons are cut out (empty: the
+    family's MLP is not sliced; its neurons are zeroed)."""
+    mlp_width_key: str | None = None
+    """Config key of the dense MLP's width, lowered when neurons are cut out."""
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    """Substring renames from older checkpoints' tensor names to the transformers 5 module tree."""
 
 
-_LLAMA = Architecture("model.layers", "self_attn.o_proj", "num_attention_heads", "mlp.down_proj")
+_LLAMA = Architecture(
+    "model.layers",
+    "self_attn.o_proj",
+    "num_attention_heads",
+    "mlp.down_proj",
+    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_width_key="intermediate_size",
+)
 _QWEN_MOE = Architecture(
     "model.layers",
     "self_attn.o_proj",
@@ -149,6 +163,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         n_experts="num_local_experts",
         renormalize=True,
         scores_in_logits_dtype=False,
+        checkpoint_renames=((".block_sparse_moe.", ".mlp."),),  # older Mixtral checkpoints
     ),
     "qwen2_moe": replace(_QWEN_MOE, shared="shared_expert"),
     "qwen3_moe": replace(_QWEN_MOE, n_experts="num_local_experts"),  # its config.json key
@@ -171,7 +186,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "gpt2": Architecture("transformer.h", "attn.c_proj", "n_head", "mlp.c_proj"),
+    "gpt2": Architecture(
+        "transformer.h",
+        "attn.c_proj",
+        "n_head",
+        "mlp.c_proj",
+        mlp_inputs=("mlp.c_fc",),
+        mlp_width_key="n_inner",
+    ),
 }
 
 
@@ -261,11 +283,30 @@ def renormalizes(model: nn.Module) -> bool:
     return flag if isinstance(flag, bool) else bool(getattr(model.config, flag))
 
 
+def in_dim(module: nn.Module) -> int:
+    """The axis of `module.weight` that runs over input channels: 1 for `nn.Linear` (and
+    bitsandbytes' Linear), 0 for GPT-2's `Conv1D` (weight [in, out])."""
+    return 1 if hasattr(module, "in_features") else 0
+
+
+def out_dim(module: nn.Module) -> int:
+    """The axis of `module.weight` that runs over output channels (see `in_dim`)."""
+    return 1 - in_dim(module)
+
+
 def mlp_width(module: nn.Module) -> int:
-    """Input width of an MLP down projection (nn.Linear, bitsandbytes Linear or GPT-2 Conv1D)."""
+    """Input width of a projection (an MLP down projection, an attention output projection)."""
     width = getattr(module, "in_features", None)
-    if width is None:  # GPT-2 Conv1D stores weight as [in, out]
-        width = cast(torch.Tensor, module.weight).shape[0]
+    if width is None:
+        width = cast(torch.Tensor, module.weight).shape[in_dim(module)]
+    return int(width)
+
+
+def out_width(module: nn.Module) -> int:
+    """Output width of a projection (see `mlp_width`)."""
+    width = getattr(module, "out_features", None)
+    if width is None:
+        width = cast(torch.Tensor, module.weight).shape[out_dim(module)]
     return int(width)
 
 

@@ -36,8 +36,10 @@ from msa_edit.units import (
     Unit,
     architecture,
     decoder_layers,
+    in_dim,
     mlp_width,
     moe_block,
+    out_width,
     submodule,
 )
 
@@ -74,7 +76,7 @@ def ia3_config(
     return IA3Config(
         target_modules=targets,
         feedforward_modules=sorted(inputs),
-        fan_in_fan_out=not hasattr(model.get_submodule(targets[0]), "in_features"),
+        fan_in_fan_out=in_dim(model.get_submodule(targets[0])) == 0,  # GPT-2 Conv1D
         init_ia3_weights=True,
     )
 
@@ -98,7 +100,7 @@ def ia3_vectors(
         vector = inputs.setdefault(names[module], torch.ones(mlp_width(module)))
         width = len(vector) // unit.spec.count(model, layer)
         vector[unit.index * width : (unit.index + 1) * width] = float(alpha)
-    outputs = {names[m]: torch.zeros(_out_width(m)) for i in zeroed for m in _writers(model, i)}
+    outputs = {names[m]: torch.zeros(out_width(m)) for i in zeroed for m in _writers(model, i)}
     return inputs, outputs
 
 
@@ -128,12 +130,6 @@ def _writers(model: nn.Module, layer_idx: int) -> list[nn.Module]:
     layer = decoder_layers(model)[layer_idx]
     found = [submodule(layer, arch.attn_out), submodule(layer, arch.mlp_down)]
     return [m for m in found if m is not None]
-
-
-def _out_width(module: nn.Module) -> int:
-    """Output width of a Linear or GPT-2 Conv1D (weight [in, out])."""
-    width = getattr(module, "out_features", None)
-    return int(module.weight.shape[1] if width is None else width)  # type: ignore[index]
 
 
 @torch.no_grad()

@@ -27,21 +27,13 @@ from msa_edit.units import (
     Unit,
     architecture,
     decoder_layers,
+    in_dim,
     mlp_width,
     moe_block,
     moe_parts,
+    out_dim,
     submodule,
 )
-
-_LLAMA_MLP = (("mlp.gate_proj", "mlp.up_proj"), "intermediate_size")
-_STRUCTURAL_MLP: dict[str, tuple[tuple[str, ...], str]] = {
-    "llama": _LLAMA_MLP,
-    "mistral": _LLAMA_MLP,
-    "qwen2": _LLAMA_MLP,
-    "qwen3": _LLAMA_MLP,
-    "gpt2": (("mlp.c_fc",), "n_inner"),
-}
-"""Per model type: the MLP's input projections (sliced by output) and the config width attr."""
 
 
 def remove_channels(model: nn.Module, units: Sequence[Unit]) -> EditRecord:
@@ -73,7 +65,7 @@ def remove_neurons(model: nn.Module, units: Sequence[Unit]) -> EditRecord:
         for layer_idx, neurons in per_layer.items():
             _slice_neurons(model, layer_idx, neurons)
         width = mlp_width(_down(model, next(iter(per_layer))))
-        setattr(model.config, _STRUCTURAL_MLP[_model_type(model)][1], width)
+        setattr(model.config, str(architecture(model).mlp_width_key), width)
         note = f"sliced out of every dense MLP; width now {width}"
     else:
         scale_units(model, dict.fromkeys(units, 0.0))
@@ -142,21 +134,8 @@ def _down(model: nn.Module, layer_idx: int) -> Any:
     return _module(decoder_layers(model)[layer_idx], architecture(model).mlp_down)
 
 
-def _model_type(model: nn.Module) -> str:
-    return str(getattr(model.config, "model_type", ""))
-
-
 def _experts(model: nn.Module, layer: nn.Module) -> Any:
     return moe_parts(model, layer)[1]
-
-
-def _in_dim(module: nn.Module) -> int:
-    """Dimension of `module.weight` indexed by input channel (Linear 1, GPT-2 Conv1D 0)."""
-    return 1 if hasattr(module, "in_features") else 0
-
-
-def _out_dim(module: nn.Module) -> int:
-    return 0 if hasattr(module, "out_features") else 1
 
 
 @torch.no_grad()
@@ -172,8 +151,8 @@ def _scale(model: nn.Module, unit: Unit, alpha: float) -> None:
             weight[unit.index] *= alpha
     else:
         site: Any = unit.spec.site(model, layer)
-        width = site.weight.shape[_in_dim(site)] // unit.spec.count(model, layer)
-        site.weight.narrow(_in_dim(site), unit.index * width, width).mul_(alpha)
+        width = mlp_width(site) // unit.spec.count(model, layer)
+        site.weight.narrow(in_dim(site), unit.index * width, width).mul_(alpha)
 
 
 def _layer_writers(model: nn.Module, layer_idx: int) -> list[tuple[str, Any]]:
@@ -207,7 +186,8 @@ def _neurons_per_layer(model: nn.Module, units: Sequence[Unit]) -> dict[int, lis
 def _can_slice(model: nn.Module, per_layer: dict[int, list[int]]) -> bool:
     """Structural removal fits the config: known family, same count per layer, width left."""
     counts = {len(n) for n in per_layer.values()}
-    if _model_type(model) not in _STRUCTURAL_MLP or len(counts) != 1:
+    arch = architecture(model)
+    if not arch.mlp_inputs or arch.mlp_width_key is None or len(counts) != 1:
         return False
     count = counts.pop()
     return 0 < count < min(mlp_width(_down(model, i)) for i in per_layer)
@@ -216,17 +196,17 @@ def _can_slice(model: nn.Module, per_layer: dict[int, list[int]]) -> bool:
 @torch.no_grad()
 def _slice_neurons(model: nn.Module, layer_idx: int, neurons: list[int]) -> None:
     """Cut the neurons out of the layer's MLP input projections and down projection."""
-    ups, _ = _STRUCTURAL_MLP[_model_type(model)]
+    ups = architecture(model).mlp_inputs
     layer = decoder_layers(model)[layer_idx]
     down = _down(model, layer_idx)
     keep = torch.tensor([n for n in range(mlp_width(down)) if n not in set(neurons)])
     for path in ups:
         up = _module(layer, path)
-        _take(up, "weight", _out_dim(up), keep)
+        _take(up, "weight", out_dim(up), keep)
         if getattr(up, "bias", None) is not None:
             _take(up, "bias", 0, keep)
         _resize(up, "out_features" if hasattr(up, "out_features") else "nf", len(keep))
-    _take(down, "weight", _in_dim(down), keep)
+    _take(down, "weight", in_dim(down), keep)
     if hasattr(down, "in_features"):
         down.in_features = len(keep)
     mlp: Any = _module(layer, "mlp")
