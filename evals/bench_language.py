@@ -38,11 +38,12 @@ import torch
 from benchlib import LANGUAGES, UD_TEXT, Memo, markdown, model_dir, save_results
 
 from msa_edit.evaluate.language import language_nll
-from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets, text_blocks
+from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets
 from msa_edit.lesions import LesionKind, lesioned
 from msa_edit.plan import Budget, make_plan
 from msa_edit.search import Blocks, Quota, Removals, search_targeted
 from msa_edit.shapley import estimate
+from msa_edit.texts import text_blocks
 from msa_edit.tiny_moe import HELDOUT_DIR, load_tiny_moe
 from msa_edit.units import Unit, select
 

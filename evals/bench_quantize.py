@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from msa_edit import atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_quantize.json"
 VARIANTS = ("fp32", "fp16", "hf-bnb-4bit", "msa-8bit", "msa-4bit")
@@ -125,6 +126,7 @@ def worker(variant: str, folder: Path, out: Path) -> None:
     import bitsandbytes  # noqa: F401 - imports are not part of the load
     import transformers  # noqa: F401
 
+    from msa_edit.games import token_nll
     from msa_edit.quantize import footprint
 
     baseline = _anon_rss_bytes()
@@ -142,7 +144,7 @@ def worker(variant: str, folder: Path, out: Path) -> None:
         output = model(tokens, output_router_logits=True)
     forward_s = time.perf_counter() - start
     logits = output.logits.float()
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    nll = token_nll(logits, tokens).mean()
     k = CONFIG["num_experts_per_tok"]
     routes = torch.stack(
         [r.topk(k, dim=-1).indices.sort(dim=-1).values for r in output.router_logits]
@@ -205,11 +207,9 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_json(payload: dict[str, Any]) -> None:
-    """Write `payload` to RESULTS atomically (temp file, then `os.replace`)."""
+    """Write `payload` to RESULTS atomically."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, RESULTS)
+    atomic.write_json(RESULTS, payload)
 
 
 def main() -> None:

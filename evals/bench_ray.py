@@ -24,7 +24,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -36,6 +35,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig
 
+from msa_edit.atomic import write_json
 from msa_edit.games import LesionGame, MeanNLL, Targets
 from msa_edit.shapley import estimate
 from msa_edit.shapley.cache import Game
@@ -172,9 +172,7 @@ def main() -> dict[str, Any]:
     }
     out = RESULTS / ("bench_ray_quick.json" if args.quick else "bench_ray.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, payload)
     if not identical:
         raise SystemExit("values differ between configurations: Ray must give the local bits")
     return payload

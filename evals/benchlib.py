@@ -28,10 +28,11 @@ import msa_edit
 from msa_edit.atomic import atomic_path, write_json
 from msa_edit.cachedir import cache_dir
 from msa_edit.cli import quiet_libraries
-from msa_edit.games import LesionGame, MeanNLL, Targets, text_blocks
+from msa_edit.games import LesionGame, MeanNLL, Targets
 from msa_edit.shapley import Game
 from msa_edit.shapley.cache import CoalitionCache
 from msa_edit.shapley.exact import all_coalitions
+from msa_edit.texts import text_blocks
 from msa_edit.tiny_moe import HELDOUT_DIR, TinyMoeConfig, build_tiny_moe, load_tiny_moe
 from msa_edit.units import select
 

@@ -25,20 +25,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from msa_edit.atomic import write_json
 from msa_edit.edit import remove_experts
 from msa_edit.evaluate.plots import expert_heatmaps
-from msa_edit.games import LesionGame, MeanNLL, Targets, text_blocks
+from msa_edit.games import LesionGame, MeanNLL, Targets
 from msa_edit.lesions import lesioned
 from msa_edit.plan import Budget, make_plan, specificity
 from msa_edit.shapley import ShapleyResult, estimate
+from msa_edit.texts import text_blocks
 from msa_edit.tiny_moe import HELDOUT_DIR, build_tiny_moe, load_tiny_moe
 from msa_edit.units import Unit, select
 
@@ -164,9 +164,7 @@ def main() -> None:
         "own_is_max": own_is_max,
         "remove_zh": removal,
     }
-    tmp = args.out / "language_experts.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, args.out / "language_experts.json")
+    write_json(args.out / "language_experts.json", payload)
     print(f"\n{time.perf_counter() - started:.0f} s")
 
 

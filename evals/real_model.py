@@ -54,7 +54,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from msa_edit.evaluate.language import language_nll
 from msa_edit.evaluate.plots import candidates_plot
-from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets, text_blocks
+from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets
 from msa_edit.gguf import packaged_gguf, plain_folder
 from msa_edit.half_embeddings import store_half
 from msa_edit.lesions import lesioned
@@ -71,6 +71,7 @@ from msa_edit.screens import (
 from msa_edit.search import Blocks, Quota, Removals, search_targeted
 from msa_edit.shapley import estimate
 from msa_edit.shapley.estimate import min_budget
+from msa_edit.texts import text_blocks
 from msa_edit.units import Unit
 
 LANGS = ("en", "de", "fr", "es")

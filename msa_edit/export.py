@@ -15,7 +15,8 @@ Example (the card alone; exporting needs a model and a tokenizer)::
     >>> card = CardInfo(base_model="org/base", license="apache-2.0",
     ...                 metrics={"before": {"ppl/ru": 12.0}, "after": {"ppl/ru": 30.0}})
     >>> text = render_card(card, title="my-model")
-    >>> text.splitlines()[0], "msa-edit" in text, "| ppl/ru | 12 | 30 | +18 |" in text
+    >>> row = "| ppl/ru | 12.0000 | 30.0000 | +18.0000 |"
+    >>> text.splitlines()[0], "msa-edit" in text, row in text
     ('---', True, True)
 """
 
@@ -41,6 +42,7 @@ from msa_edit.edit.checkpoint import slice_checkpoint
 from msa_edit.edit.experts import Extra
 from msa_edit.edit.record import EditRecord
 from msa_edit.errors import MsaEditError
+from msa_edit.evaluate.numbers import fmt, fmt_delta
 from msa_edit.hub import is_repo_id, push_to_hub
 from msa_edit.units import Unit
 
@@ -429,9 +431,9 @@ def _recipe_section(recipe: Mapping[str, Any] | None) -> str:
 
 
 def _num(x: Any) -> str:
-    """A metric value for a table cell (4 significant digits)."""
+    """A metric value for a table cell, rounded as report.md rounds it."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return f"{x:.4g}"
+        return fmt(float(x))
     return "" if x is None else _cell(x)
 
 
@@ -440,7 +442,7 @@ def _delta(before: Any, after: Any) -> str:
     if not all(isinstance(x, (int, float)) for x in (before, after)):
         return ""
     d = float(after) - float(before)
-    return f"{d:+.4g}" if math.isfinite(d) else ""
+    return fmt_delta(d) if math.isfinite(d) else ""
 
 
 def _cell(x: Any) -> str:

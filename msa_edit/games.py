@@ -5,17 +5,16 @@ Each coalition's lesion is applied to its own copy of the target rows inside one
 (rows are chunked to `max_rows`, so memory stays flat whatever B is); the model is never copied.
 
 >>> # targets = Targets.from_dict({"en": text_blocks(tok, "en.txt", 8, 64), "fr": ...})
+>>> # (text_blocks: msa_edit.texts)
 >>> # game = LesionGame(model, select(model, "layers.*.experts.*"), targets, MeanNLL(), "reroute")
 >>> # res = estimate(game, game.n_players, budget=2000)   # res.values: [n_experts, n_languages]
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -57,94 +56,14 @@ class Targets:
         return int(self.input_ids.shape[0])
 
 
-Packing = Literal["auto", "documents", "text"]
-PACKINGS: tuple[Packing, ...] = ("auto", "documents", "text")
-
-
-def resolve_packing(tokenizer: Any, packing: Packing = "auto") -> Packing:
-    """`packing`, with "auto" made concrete: "text" for a chat-tuned tokenizer (one with a chat
-    template: its EOS ends a chat turn, e.g. `<|im_end|>`, not a document), else "documents".
-
-    >>> class Plain: chat_template = None
-    >>> resolve_packing(Plain()), resolve_packing(Plain(), "text")
-    ('documents', 'text')
-    """
-    if packing not in PACKINGS:
-        raise MsaEditError(f"packing {packing!r} is not one of {', '.join(PACKINGS)}")
-    if packing != "auto":
-        return packing
-    return "text" if getattr(tokenizer, "chat_template", None) else "documents"
-
-
-def text_blocks(
-    tokenizer: Any,
-    source: str | Path,
-    n_seq: int,
-    seq_len: int,
-    *,
-    split: str = "train",
-    packing: Packing = "auto",
-    skip: int = 0,
-) -> torch.Tensor:
-    """`n_seq` blocks of `seq_len` tokens `[n_seq, seq_len]` from a text data set.
-
-    `source` is a local .txt (one document per line), .json/.jsonl or .parquet file with a "text"
-    column, or a Hub data set id (where the Hub is reachable). `packing` "documents" tokenises
-    each document with the tokenizer's own special tokens (e.g. a BOS) and follows it by EOS — the
-    packing base LMs are trained on; "text" runs the documents together, one per line, with no
-    special tokens — for chat-tuned models, whose EOS ends a turn; "auto" picks by the tokenizer
-    (`resolve_packing`). The first `skip` documents are left out (e.g. to evaluate on the part of
-    a file an analysis did not read). The stream is cut into consecutive blocks.
-    """
-    texts = _load_texts(source, split)
-    packing = resolve_packing(tokenizer, packing)
-    eos = tokenizer.eos_token_id if packing == "documents" else None
-    ids: list[int] = []
-    need = n_seq * seq_len
-    documents = (text for text in texts if text.strip())
-    for text in itertools.islice(documents, skip, None):
-        if packing == "text":
-            ids += tokenizer(text + "\n", add_special_tokens=False)["input_ids"]
-        else:
-            ids += tokenizer(text)["input_ids"]
-        if eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
-        if len(ids) >= need:
-            break
-    if len(ids) < need:
-        raise MsaEditError(
-            f"{source} gives {len(ids)} tokens"
-            + (f" after its first {skip} documents" if skip else "")
-            + f" but {n_seq} blocks of {seq_len} need {need}; "
-            "use fewer or shorter blocks, or more text"
-        )
-    return torch.tensor(ids[:need]).reshape(n_seq, seq_len)
-
-
-def _load_texts(source: str | Path, split: str) -> list[str]:
-    import datasets  # heavy import, only when data is loaded
-
-    path = Path(source)
-    builders = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    if path.suffix in builders:
-        if not path.is_file():
-            raise MsaEditError(f"data file {path} does not exist; check the path")
-        data = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
-    else:
-        try:
-            data = datasets.load_dataset(str(source), split=split)
-        except Exception as exc:
-            raise MsaEditError(
-                f"could not load data set {str(source)!r} ({exc.__class__.__name__}); give a local "
-                ".txt/.json/.parquet file or a reachable Hub id"
-            ) from exc
-    if "text" not in data.column_names:
-        raise MsaEditError(f"{source} has no 'text' column (columns: {data.column_names})")
-    return list(data["text"])
-
-
 class Objective(Protocol):
-    """Per-row sufficient statistics of the model's output, reduced to one value per coalition."""
+    """Per-row sufficient statistics of the model's output, reduced to one value per coalition.
+
+    `lower_is_better` says the value's sign: True for losses (a unit whose removal raises it
+    helps), False for scores; results and reports store it rather than guess it from a name.
+    """
+
+    lower_is_better: bool
 
     def row_stats(
         self, logits: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor
@@ -174,6 +93,8 @@ def token_nll(
 class MeanNLL:
     """Mean next-token NLL per target set: output `[n_sets]` (a mode over e.g. languages)."""
 
+    lower_is_better = True
+
     def row_stats(
         self, logits: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
@@ -190,6 +111,8 @@ class RowNLL:
     """Mean next-token NLL of each target row: output `[N]` (one loss per block of text, so a
     removal search gets a standard error over blocks; see `msa_edit.search`)."""
 
+    lower_is_better = True
+
     def row_stats(
         self, logits: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
@@ -202,6 +125,8 @@ class RowNLL:
 class PositionNLL:
     """Next-token NLL at every position of every row: output `[N, T-1]`."""
 
+    lower_is_better = True
+
     def row_stats(
         self, logits: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor
     ) -> torch.Tensor:
@@ -213,6 +138,8 @@ class PositionNLL:
 
 class NextTokenLogits:
     """Mean logits of chosen vocabulary entries at the last position: output `[len(token_ids)]`."""
+
+    lower_is_better = False
 
     def __init__(self, token_ids: Sequence[int]) -> None:
         self.token_ids = torch.tensor(list(token_ids))
@@ -233,6 +160,8 @@ class Accuracy:
     correct choice.
     """
 
+    lower_is_better = False
+
     def __init__(self, choices: Sequence[int], labels: torch.Tensor) -> None:
         self.choices = torch.tensor(list(choices))
         self.labels = labels.long()
@@ -248,10 +177,16 @@ class Accuracy:
 
 
 class Custom:
-    """Any per-row function `fn(logits [R, T, V], input_ids [R, T]) -> [R, *shape]`, averaged."""
+    """Any per-row function `fn(logits [R, T, V], input_ids [R, T]) -> [R, *shape]`, averaged;
+    `lower_is_better` gives its sign (default: a loss)."""
 
-    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        lower_is_better: bool = True,
+    ) -> None:
         self.fn = fn
+        self.lower_is_better = lower_is_better
 
     def row_stats(
         self, logits: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor

@@ -389,7 +389,7 @@ def _check_blocks(blocks: Mapping[str, torch.Tensor], min_len: int) -> list[str]
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise MsaEditError(
                 f"blocks[{short(lang)}] must be integer token ids [n_seq, seq_len]; "
-                "build them with msa_edit.games.text_blocks"
+                "build them with msa_edit.texts.text_blocks"
             )
         if ids.shape[0] < 1 or ids.shape[1] < min_len:
             raise MsaEditError(

@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import platform
 import shutil
 import tempfile
@@ -41,8 +40,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from msa_edit.atomic import replace_dir
 from msa_edit.cachedir import cache_dir
 from msa_edit.errors import MsaEditError
+from msa_edit.games import token_nll
 from msa_edit.progress import Progress, format_duration, note
 
 FORMAT = "msa_edit.tiny_moe"
@@ -335,12 +336,7 @@ def mean_nll(model: Any, batch: torch.Tensor, batch_size: int = 32) -> float:
     try:
         for rows in batch.split(batch_size):
             logits = model(input_ids=rows).logits
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                rows[:, 1:].reshape(-1),
-                reduction="sum",
-            )
-            total += float(nll)
+            total += float(token_nll(logits, rows).double().sum())
             count += rows[:, 1:].numel()
     finally:
         model.train(was_training)
@@ -612,17 +608,6 @@ def _check_out(out: Path) -> None:
         )
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`, replacing an old `out` (renames only)."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-
-
 def build_tiny_moe(
     texts: Mapping[str, Path | str],
     out: Path | str | None = None,
@@ -670,7 +655,7 @@ def build_tiny_moe(
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         meta = _build_into(tmp, paths, shas, config, key)
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -101,7 +101,7 @@ def test_card_front_matter_and_sections(model, tokenizer, tmp_path: Path) -> Non
     assert meta["library_name"] == "transformers"
     assert "| `layers.0.experts.3` | 0.42 |" in text
     assert "- **method**: antithetic" in text and "- **n_evaluations**: 64" in text
-    assert "| ppl/ru | 12.18 | 54.6 | +42.42 |" in text
+    assert "| ppl/ru | 12.1800 | 54.6000 | +42.4200 |" in text  # rounded as report.md rounds
     recipe = re.search(r"```yaml\n(.*?)```", text, flags=re.S)
     assert recipe and yaml.safe_load(recipe.group(1)) == CARD.recipe
 
@@ -186,3 +186,13 @@ def test_a_local_base_model_is_not_named_as_a_hub_model(model, tmp_path: Path) -
     out = export_model(model, None, tmp_path / "m", card=CardInfo(base_model=str(base)))
     data = ModelCard.load(out / "README.md").data
     assert data.base_model is None and data.eval_results is None
+
+
+def test_the_card_rounds_numbers_as_the_report_does(model, tmp_path: Path) -> None:
+    from msa_edit.evaluate.numbers import fmt, fmt_delta
+
+    metrics = {"before": {"nll/ru": 2.123456}, "after": {"nll/ru": 2.9876543}}
+    card = CardInfo(base_model="org/m", metrics=metrics)
+    text = (export_model(model, None, tmp_path / "m", card=card) / "README.md").read_text()
+    row = f"| nll/ru | {fmt(2.123456)} | {fmt(2.9876543)} | {fmt_delta(2.9876543 - 2.123456)} |"
+    assert row == "| nll/ru | 2.1235 | 2.9877 | +0.8642 |" and row in text

@@ -17,9 +17,9 @@ from msa_edit.games import (
     NextTokenLogits,
     PositionNLL,
     Targets,
-    text_blocks,
 )
 from msa_edit.shapley import estimate
+from msa_edit.texts import text_blocks
 from msa_edit.units import Unit, decoder_layers, select
 
 GROUPS, PER_GROUP = 4, 8

@@ -18,10 +18,10 @@ from msa_edit.edit import apply_plan
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate.language import language_nll
 from msa_edit.export import CardInfo, export_model
-from msa_edit.games import text_blocks
 from msa_edit.gguf import META_FILE, packaged_gguf, plain_folder
 from msa_edit.lesions import lesioned
 from msa_edit.plan import Plan
+from msa_edit.texts import text_blocks
 
 pytest.importorskip("gguf", reason="pip install gguf")
 try:

@@ -17,10 +17,11 @@ from tiny_models import UD_TEXT
 
 from msa_edit.edit import remove_experts
 from msa_edit.evaluate.plots import expert_heatmaps
-from msa_edit.games import LesionGame, MeanNLL, Targets, text_blocks
+from msa_edit.games import LesionGame, MeanNLL, Targets
 from msa_edit.lesions import lesioned
 from msa_edit.plan import Budget, make_plan, specificity
 from msa_edit.shapley import estimate
+from msa_edit.texts import text_blocks
 from msa_edit.tiny_moe import HELDOUT_DIR, TinyMoeConfig, build_tiny_moe, load_tiny_moe
 from msa_edit.units import select
 

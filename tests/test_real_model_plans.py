@@ -14,11 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from msa_edit.cli import main
 from msa_edit.errors import MsaEditError
-from msa_edit.games import LesionGame, RowNLL, Targets, text_blocks
+from msa_edit.games import LesionGame, RowNLL, Targets
 from msa_edit.gguf import packaged_gguf, plain_folder
 from msa_edit.lesions import lesioned
 from msa_edit.plan import Budget
 from msa_edit.search import Blocks, Quota, Removals, search_targeted
+from msa_edit.texts import text_blocks
 from msa_edit.units import Unit
 
 pytest.importorskip("gguf", reason="pip install gguf")

@@ -19,8 +19,9 @@ from transformers import PreTrainedModel
 
 from msa_edit.atomic import read_json, write_json
 from msa_edit.errors import MsaEditError
-from msa_edit.games import Packing, text_blocks, token_nll
+from msa_edit.games import token_nll
 from msa_edit.progress import Progress
+from msa_edit.texts import Packing, text_blocks
 
 NLL_METRIC = Path(__file__).parent / "metrics" / "nll.py"
 
@@ -109,12 +110,12 @@ def language_nll(
 ) -> dict[str, float]:
     """Mean next-token NLL, perplexity and bits per byte per language on held-out text.
 
-    `texts` maps a language code to a local text file (or data set, see `games.text_blocks`); each
+    `texts` maps a language code to a local text file (or data set, see `texts.text_blocks`); each
     gives `n_seq` blocks of `seq_len` tokens. Every file is read before the first forward pass, so a
     bad path fails fast. Returns `{"nll/ru": ..., "ppl/ru": ..., "bpb/ru": ..., ...}` for every
     language. `bpb` (the NLL in bits over the UTF-8 bytes of the predicted text) compares across
     languages and tokenizers; per-token NLL does not (a token is a different amount of text).
-    `packing` and `skip` are `games.text_blocks`'. `progress` counts blocks done
+    `packing` and `skip` are `texts.text_blocks`'. `progress` counts blocks done
     (`msa_edit.progress`; False: silent, None: a bar on a terminal, timestamped lines on stderr
     otherwise) and shows each finished language's NLL.
 

@@ -28,6 +28,7 @@ import torch
 from msa_edit.atomic import write_text
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate import plots
+from msa_edit.evaluate.numbers import fmt, fmt_delta
 from msa_edit.rundir import (
     EDIT_JSON,
     EVAL_JSON,
@@ -37,32 +38,14 @@ from msa_edit.rundir import (
     SCREEN_JSON,
     SHAPLEY_JSON,
 )
+from msa_edit.tensorjson import decode
 from msa_edit.units import UNIT_KINDS, Unit
 
 TOP_RANKING = 20
 TOP_CONVERGENCE = 5
 TOP_TABLE = 8
-NA = "n/a"
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./+=,-]*")
 """Names shown as they are: no character here starts Markdown or HTML markup."""
-
-
-def fmt(x: float | None) -> str:
-    """An eval or Shapley number as the report prints it (null or NaN: "n/a").
-
-    >>> fmt(2.123456), fmt(float("inf")), fmt(None), fmt(float("nan"))
-    ('2.1235', 'inf', 'n/a', 'n/a')
-    """
-    return NA if x is None or math.isnan(x) else f"{x:.4f}"
-
-
-def fmt_delta(x: float | None) -> str:
-    """A change, always with its sign (null or NaN: "n/a").
-
-    >>> fmt_delta(0.5), fmt_delta(-0.00004), fmt_delta(None)
-    ('+0.5000', '-0.0000', 'n/a')
-    """
-    return NA if x is None or math.isnan(x) else f"{x:+.4f}"
 
 
 def _fmt_se(x: float) -> str:
@@ -144,18 +127,6 @@ class _Shapley:
         return [str(u) for u in self.units]
 
 
-def _tensor(obj: Any, fill: float) -> torch.Tensor:
-    """Nested lists or the `{"shape", "data"}` form of msa_edit's JSON; null becomes `fill`."""
-    if isinstance(obj, Mapping):
-        data = [fill if x is None else float(x) for x in obj["data"]]
-        return torch.tensor(data, dtype=torch.float64).reshape(obj["shape"])
-
-    def clean(x: Any) -> Any:
-        return [clean(y) for y in x] if isinstance(x, list) else fill if x is None else float(x)
-
-    return torch.tensor(clean(obj), dtype=torch.float64)
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -174,13 +145,13 @@ def _load_shapley(run_dir: Path) -> _Shapley:
     targets = _str_list(obj.get("targets"))
     try:
         if units:
-            values = _tensor(obj["values"], math.nan).reshape(len(units), -1)
+            values = decode(obj["values"], math.nan).reshape(len(units), -1)
         else:
             values = torch.zeros(0, max(len(targets), 1), dtype=torch.float64)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise MsaEditError(f"{path} lacks units/values in the expected shape ({exc})") from exc
     try:
-        stderr = _tensor(obj.get("stderr") or [], math.inf).reshape(values.shape)
+        stderr = decode(obj.get("stderr") or [], math.inf).reshape(values.shape)
     except (KeyError, TypeError, ValueError, RuntimeError):  # no usable stderr: unknown, "—"
         stderr = torch.full_like(values, math.nan)
     if len(targets) != values.shape[1]:
@@ -189,7 +160,11 @@ def _load_shapley(run_dir: Path) -> _Shapley:
 
 
 def _loss_like(meta: Mapping[str, Any]) -> bool:
-    """Whether lower values of the analysed objective are better (NLL, loss)."""
+    """Whether lower values of the analysed objective are better (NLL, loss): as shapley.json
+    stores it, else (files of older versions) from the objective's name."""
+    stored = meta.get("lower_is_better")
+    if isinstance(stored, bool):
+        return stored
     objective = str(meta.get("objective") or "mean_nll").lower()
     return "nll" in objective or "loss" in objective or "ppl" in objective
 
@@ -622,8 +597,8 @@ def _trace(sh: _Shapley) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
     for p in trace if isinstance(trace, list) else []:
         try:
             n = _num(p["n_evaluations"])
-            values = _tensor(p["values"], math.nan).reshape(len(sh.units), -1)
-            stderr = _tensor(p["stderr"], math.inf).reshape(len(sh.units), -1)
+            values = decode(p["values"], math.nan).reshape(len(sh.units), -1)
+            stderr = decode(p["stderr"], math.inf).reshape(len(sh.units), -1)
         except (KeyError, TypeError, ValueError, RuntimeError):
             continue  # a point we cannot read is not plotted
         if values.shape != sh.values.shape or stderr.shape != values.shape:

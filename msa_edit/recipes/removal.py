@@ -14,8 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-import torch
-
 from msa_edit.errors import MsaEditError
 from msa_edit.fingerprint import Value
 from msa_edit.games import Targets
@@ -34,6 +32,7 @@ from msa_edit.search import (
     search_targeted,
 )
 from msa_edit.shapley.cache import Game
+from msa_edit.tensorjson import decode
 from msa_edit.units import Unit
 
 Say = Callable[[str], None]
@@ -203,20 +202,15 @@ def _priors(
     if shapley is not None and [str(u) for u in units] == list(shapley.get("units", [])):
         names = list(shapley["targets"])
         if all(t in names for t in [*target, *retain]):
-            values = _tensor(shapley["values"])
+            values = decode(shapley["values"])
             plan = make_plan(
-                values, _tensor(shapley["stderr"]), units, names, target=target,
+                values, decode(shapley["stderr"]), units, names, target=target,
                 retain=retain, mode=stage.mode, budget=stage.budget(),
                 layer_sizes=dict(layer_sizes) if layer_sizes else None,
+                lower_is_better=bool(shapley.get("lower_is_better", True)),
             )  # fmt: skip
             out["shapley"] = frozenset(units.index(u) for u in plan.unit_list)
     return out
-
-
-def _tensor(rows: list[list[float | None]]) -> torch.Tensor:
-    return torch.tensor(
-        [[math.inf if x is None else x for x in r] for r in rows], dtype=torch.float64
-    )
 
 
 def candidate_lines(result: SearchResult, mode: str) -> list[str]:

@@ -52,16 +52,7 @@ from msa_edit.fingerprint import (
     flatten,
     folder_digests,
 )
-from msa_edit.games import (
-    LesionGame,
-    MeanNLL,
-    Objective,
-    PositionNLL,
-    RowNLL,
-    Targets,
-    resolve_packing,
-    text_blocks,
-)
+from msa_edit.games import LesionGame, MeanNLL, Objective, PositionNLL, RowNLL, Targets
 from msa_edit.gguf import plain_path
 from msa_edit.half_embeddings import store_half
 from msa_edit.lesions import LESIONS, lesioned, scaled, unit_means
@@ -89,6 +80,8 @@ from msa_edit.shapley.cache import checkpoint_size
 from msa_edit.shapley.checkpoint import read_checkpoint
 from msa_edit.shapley.estimate import check_request, default_budget
 from msa_edit.shapley.ray_backend import RayBackend
+from msa_edit.tensorjson import decode, encode
+from msa_edit.texts import resolve_packing, text_blocks
 from msa_edit.tiny_moe import HELDOUT_DIR, build_tiny_moe
 from msa_edit.units import Unit, discover, select
 
@@ -233,15 +226,6 @@ def _read_json(path: Path, made_by: str) -> Any:
     return read_json(path, f"fix it or rerun `msa-edit {made_by}`")
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _rows(t: torch.Tensor) -> list[list[float | None]]:
-    """A `[n, T]` tensor as nested lists, non-finite numbers as null (strict JSON)."""
-    return [[_finite(float(x)) for x in row] for row in t.double().tolist()]
-
-
 def per_target(modes: torch.Tensor, targets: Targets, objective: str) -> torch.Tensor:
     """Modes `[n, *shape]` as one number per target set `[n, T]` (position modes: their mean).
 
@@ -271,25 +255,26 @@ def shapley_record(
 
     one = result.v_full.unsqueeze(0)
     trace = [
-        {"n_evaluations": p.n_evaluations, "values": _rows(reduce(p.values)),
-         "stderr": _rows(reduce(p.stderr))}
+        {"n_evaluations": p.n_evaluations, "values": encode(reduce(p.values)),
+         "stderr": encode(reduce(p.stderr))}
         for p in result.trace
         if p.values.shape == result.values.shape
     ]  # fmt: skip
     return {
         "units": [str(u) for u in units],
         "targets": list(targets.names),
-        "values": _rows(reduce(result.values)),
-        "stderr": _rows(reduce(result.stderr)),
+        "values": encode(reduce(result.values)),
+        "stderr": encode(reduce(result.stderr)),
         "n_evaluations": result.n_evaluations,
         "method": result.method,
         "seed": result.seed,
         "budget": result.budget,
         "stopped": result.stopped,
-        "v_full": _rows(reduce(one))[0],
-        "v_empty": _rows(reduce(result.v_empty.unsqueeze(0)))[0],
+        "v_full": encode(reduce(one))[0],
+        "v_empty": encode(reduce(result.v_empty.unsqueeze(0)))[0],
         "lesion": recipe.lesion.kind,
         "objective": objective,
+        "lower_is_better": recipe_objective(recipe).lower_is_better,
         "model": recipe.model.name,
         "output_shape": list(result.values.shape[1:]),
         "trace": trace,
@@ -303,12 +288,6 @@ def read_shapley(out: Path) -> dict[str, Any]:
     if missing:
         raise MsaEditError(f"{out / SHAPLEY_JSON} lacks {missing}; rerun `msa-edit analyze`")
     return dict(record)
-
-
-def _tensor(rows: list[list[float | None]]) -> torch.Tensor:
-    return torch.tensor(
-        [[math.inf if x is None else x for x in r] for r in rows], dtype=torch.float64
-    )
 
 
 # --------------------------------------------------------------------------- analyze
@@ -327,6 +306,11 @@ def load_targets(recipe: Recipe, tokenizer: Any) -> Targets:
     return Targets.from_dict(blocks)
 
 
+def recipe_objective(recipe: Recipe) -> Objective:
+    """The objective a recipe's analysis values coalitions by (`targets.objective`)."""
+    return MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
+
+
 def lesion_game(
     recipe: Recipe,
     model: PreTrainedModel,
@@ -336,8 +320,7 @@ def lesion_game(
 ) -> LesionGame:
     """The recipe's lesion game on `model`: its units, targets, objective and lesion (a removal
     search passes `RowNLL()`: one loss per calibration block)."""
-    if objective is None:
-        objective = MeanNLL() if recipe.targets.objective == "mean_nll" else PositionNLL()
+    objective = recipe_objective(recipe) if objective is None else objective
     lesion = recipe.lesion
     means = unit_means(model, units, targets.input_ids) if LESIONS[lesion.kind].uses_means else None
     return LesionGame(
@@ -540,10 +523,11 @@ def plan(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None =
         target, retain = _plan_sets(recipe, names)
         shapley = {k: record.get(k) for k in ("method", "budget", "seed", "n_evaluations")}
         chosen = make_plan(
-            _tensor(record["values"]), _tensor(record["stderr"]),
+            decode(record["values"]), decode(record["stderr"]),
             [Unit.parse(n) for n in record["units"]], names,
             target=target, retain=retain, mode=stage.mode, budget=stage.budget(),
             action=stage.action, base_model=recipe.model.name, shapley=shapley,
+            lower_is_better=bool(record.get("lower_is_better", True)),
         )  # fmt: skip
     if stage.alpha is not None:
         chosen = replace(chosen, alpha={u: stage.alpha for u in chosen.units})
@@ -643,7 +627,7 @@ def apply(
             if keep
             else torch.ones_like(targets.group, dtype=torch.bool)
         )
-        from msa_edit.edit.peft_export import heal_lora
+        from msa_edit.edit.heal import heal_lora
 
         # merges into and returns the same model object, edited in place
         heal_lora(model, targets.input_ids[rows], heal.steps, heal.lr, heal.r, heal.seed)

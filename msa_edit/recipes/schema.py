@@ -42,13 +42,13 @@ from pydantic import (
 
 from msa_edit import optional
 from msa_edit.errors import MsaEditError, short
-from msa_edit.games import Packing
 from msa_edit.hub import is_repo_id
 from msa_edit.lesions import LESION_KINDS, LESIONS
 from msa_edit.plan import MAX_ALPHA, Action, Budget, Method, Mode
 from msa_edit.search import SearchSettings
 from msa_edit.shapley.estimate import METHODS
 from msa_edit.shapley.ray_backend import RayBackend
+from msa_edit.texts import Packing
 from msa_edit.units import UNIT_KINDS, Unit, kinds_of
 
 __all__ = [
@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
-"""Suffixes of local data files (what `games.text_blocks` reads); other names may be Hub ids."""
+"""Suffixes of local data files (what `texts.text_blocks` reads); other names may be Hub ids."""
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 """A target-set (language) name: it goes into reports, metric names (`nll/<name>`) and files."""
 MAX_YAML_VALUES = 100_000
@@ -298,7 +298,7 @@ class TargetsStage(_Stage):
     """The behaviours measured: named target sets, which of them to retain, the objective, and
     how text becomes token blocks for the analysis and the evaluation (`packing`: "documents",
     each line a document ended by EOS; "text", lines run together; "auto", "text" for chat-tuned
-    tokenizers, see `msa_edit.games.resolve_packing`)."""
+    tokenizers, see `msa_edit.texts.resolve_packing`)."""
 
     sets: dict[str, TargetSet]
     retain: tuple[str, ...] = ()
@@ -488,7 +488,7 @@ class PlanStage(_Stage):
 
 
 class HealStage(_Stage):
-    """LoRA healing after the edit (`edit.peft_export.heal_lora`)."""
+    """LoRA healing after the edit (`edit.heal.heal_lora`)."""
 
     steps: PosInt = 50
     lr: PosFinite = 1e-3

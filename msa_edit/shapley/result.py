@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-
-def _tensor_to_json(t: torch.Tensor) -> Any:
-    """Nested lists; non-finite floats become None so the JSON stays strict."""
-    flat = [None if not math.isfinite(x) else x for x in t.double().flatten().tolist()]
-    return {"shape": list(t.shape), "data": flat}
-
-
-def _tensor_from_json(obj: dict[str, Any]) -> torch.Tensor:
-    data = [math.inf if x is None else x for x in obj["data"]]
-    return torch.tensor(data, dtype=torch.float64).reshape(obj["shape"])
+from msa_edit.tensorjson import decode, encode
 
 
 @dataclass(frozen=True)
@@ -37,8 +27,8 @@ class TracePoint:
         return {
             "n_evaluations": self.n_evaluations,
             "n_samples": self.n_samples,
-            "values": _tensor_to_json(self.values),
-            "stderr": _tensor_to_json(self.stderr),
+            "values": encode(self.values),
+            "stderr": encode(self.stderr),
         }
 
     @classmethod
@@ -46,8 +36,8 @@ class TracePoint:
         return cls(
             obj["n_evaluations"],
             obj["n_samples"],
-            _tensor_from_json(obj["values"]).float(),
-            _tensor_from_json(obj["stderr"]).float(),
+            decode(obj["values"]).float(),
+            decode(obj["stderr"]).float(),
         )
 
 
@@ -95,11 +85,11 @@ class ShapleyResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "values": _tensor_to_json(self.values),
-            "stderr": _tensor_to_json(self.stderr),
+            "values": encode(self.values),
+            "stderr": encode(self.stderr),
             "n_evaluations": self.n_evaluations,
-            "v_full": _tensor_to_json(self.v_full),
-            "v_empty": _tensor_to_json(self.v_empty),
+            "v_full": encode(self.v_full),
+            "v_empty": encode(self.v_empty),
             "method": self.method,
             "seed": self.seed,
             "budget": self.budget,
@@ -111,11 +101,11 @@ class ShapleyResult:
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ShapleyResult:
         return cls(
-            values=_tensor_from_json(obj["values"]),
-            stderr=_tensor_from_json(obj["stderr"]),
+            values=decode(obj["values"]),
+            stderr=decode(obj["stderr"]),
             n_evaluations=obj["n_evaluations"],
-            v_full=_tensor_from_json(obj["v_full"]),
-            v_empty=_tensor_from_json(obj["v_empty"]),
+            v_full=decode(obj["v_full"]),
+            v_empty=decode(obj["v_empty"]),
             method=obj["method"],
             seed=obj["seed"],
             budget=obj["budget"],
@@ -143,8 +133,8 @@ class InteractionResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "pairs": [list(p) for p in self.pairs],
-            "values": _tensor_to_json(self.values),
-            "stderr": _tensor_to_json(self.stderr),
+            "values": encode(self.values),
+            "stderr": encode(self.stderr),
             "n_evaluations": self.n_evaluations,
             "method": self.method,
             "seed": self.seed,
@@ -154,8 +144,8 @@ class InteractionResult:
     def from_json(cls, obj: dict[str, Any]) -> InteractionResult:
         return cls(
             pairs=tuple((int(a), int(b)) for a, b in obj["pairs"]),
-            values=_tensor_from_json(obj["values"]),
-            stderr=_tensor_from_json(obj["stderr"]),
+            values=decode(obj["values"]),
+            stderr=decode(obj["stderr"]),
             n_evaluations=obj["n_evaluations"],
             method=obj["method"],
             seed=obj["seed"],

@@ -8,7 +8,8 @@ from peft import PeftModel
 from tiny_models import build
 
 from msa_edit.edit import scale_units
-from msa_edit.edit.peft_export import heal_lora, ia3_adapter, ia3_vectors
+from msa_edit.edit.heal import heal_lora
+from msa_edit.edit.peft_export import ia3_adapter, ia3_vectors
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import scaled
 from msa_edit.units import Unit

@@ -21,8 +21,9 @@ from msa_edit.evaluate.language import (
     write_eval_json,
 )
 from msa_edit.evaluate.metrics.nll import mean_nll
-from msa_edit.games import text_blocks, token_nll
+from msa_edit.games import token_nll
 from msa_edit.lesions import lesioned
+from msa_edit.texts import text_blocks
 from msa_edit.units import select
 
 LINES = {

@@ -455,3 +455,21 @@ def test_two_point_trace_draws_points_not_lines(tmp_path: Path) -> None:
     text = write_report(run).read_text()
     assert "Only 2 checkpoints were recorded" in text
     assert (run / "convergence.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("stored", [True, False, None])
+def test_the_stored_sign_decides_how_values_read(tmp_path: Path, stored: bool | None) -> None:
+    """shapley.json stores `lower_is_better`; the objective's name is a guess for older files
+    (here a score whose name contains "nll")."""
+    run = _make_run(tmp_path / "run", plan=False, eval_=False, edit=False)
+
+    def sign(obj: dict[str, Any]) -> None:
+        obj["objective"] = "nll_reduction_score"
+        if stored is not None:
+            obj["lower_is_better"] = stored
+
+    _edit_json(run / "shapley.json", sign)
+    text = write_report(run).read_text()
+    loss = stored is not False
+    assert ("Δ mean NLL (nats)" in text or "negative = the unit lowers the loss" in text) == loss
+    assert ("positive = the unit raises the objective" in text) == (not loss)

@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from msa_edit.cli import main
 from msa_edit.evaluate.language import block_nll, language_nll
-from msa_edit.games import text_blocks
 from msa_edit.lesions import lesioned
 from msa_edit.plan import Plan
+from msa_edit.texts import text_blocks
 from msa_edit.units import Unit
 
 N_SEQ, SEQ_LEN = 2, 16
@@ -76,6 +76,7 @@ def test_shapley_json_contract_and_efficiency(run_dir: Path, tiny_mixtral: Path)
     assert record["units"] == [f"layers.{la}.experts.{e}" for la in range(2) for e in range(4)]
     assert record["targets"] == list(LANGS) and record["method"] == "exact"
     assert record["n_evaluations"] == 256 and record["seed"] == 0
+    assert record["lower_is_better"] is True and record["objective"] == "mean_nll"
     values = torch.tensor(record["values"], dtype=torch.float64)
     assert values.shape == (8, 3) and torch.tensor(record["stderr"]).abs().max() == 0
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral)

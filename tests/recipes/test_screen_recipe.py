@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from msa_edit.cli import main
 from msa_edit.errors import MsaEditError
-from msa_edit.games import text_blocks
 from msa_edit.plan import Plan
 from msa_edit.recipes import load_recipe
 from msa_edit.screens import gate_attribution
+from msa_edit.texts import text_blocks
 
 N_SEQ, SEQ_LEN = 4, 16
 

@@ -21,11 +21,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from msa_edit.cli import main
 from msa_edit.errors import MsaEditError
 from msa_edit.evaluate.language import block_nll, language_nll
-from msa_edit.games import text_blocks
 from msa_edit.lesions import lesioned
 from msa_edit.plan import Plan
 from msa_edit.recipes import load_recipe
 from msa_edit.routing import routing_stats
+from msa_edit.texts import text_blocks
 from msa_edit.units import Unit
 
 N_SEQ, SEQ_LEN = 4, 16
