@@ -91,7 +91,7 @@ def memory_worker(variant: str, folder: Path, out: Path) -> None:
     import bitsandbytes  # noqa: F401 - imports are not part of the measurement
     import transformers  # noqa: F401
 
-    from msa_edit.quantize import footprint
+    from msa_edit.footprint import footprint
 
     torch.set_num_threads(1)
     baseline = _anon_rss_bytes()

@@ -12,7 +12,7 @@ in a fresh Python process, so load time and peak memory are its own:
   embeddings, norms, routers and `lm_head` in fp16 (not bf16: on the AMX CPUs this was
   measured on, bf16 matmuls die with SIGILL).
 
-For each: footprint (`msa_edit.quantize.footprint`, bytes as stored, quantisation statistics
+For each: footprint (`msa_edit.footprint.footprint`, bytes as stored, quantisation statistics
 included) after loading and after one forward (bitsandbytes repacks 4-bit weights on the first
 CPU forward), ratio to the fp16 footprint (goal for `msa-4bit`: <= 0.35), load time, peak
 anonymous resident memory added during the load (sampled every 2 ms; the memory-mapped
@@ -126,8 +126,8 @@ def worker(variant: str, folder: Path, out: Path) -> None:
     import bitsandbytes  # noqa: F401 - imports are not part of the load
     import transformers  # noqa: F401
 
+    from msa_edit.footprint import footprint
     from msa_edit.games import token_nll
-    from msa_edit.quantize import footprint
 
     baseline = _anon_rss_bytes()
     sampler = PeakSampler()

@@ -54,13 +54,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from msa_edit.evaluate.language import language_nll
 from msa_edit.evaluate.plots import candidates_plot
+from msa_edit.footprint import footprint
 from msa_edit.games import LesionGame, MeanNLL, RowNLL, Targets
 from msa_edit.gguf import packaged_gguf, plain_folder
 from msa_edit.half_embeddings import store_half
 from msa_edit.lesions import lesioned
 from msa_edit.optional import available
 from msa_edit.plan import Budget, make_plan
-from msa_edit.quantize import footprint, load_quantized
+from msa_edit.quantize import load_quantized
 from msa_edit.screens import (
     activation_probability,
     gate_attribution,

@@ -157,7 +157,7 @@ def export_checkpoint(
 
     >>> # out, record = export_checkpoint("mistralai/Mixtral-8x7B-v0.1", units, "run/model")
     """
-    from msa_edit.quantize import model_folder
+    from msa_edit.checkpoints import model_folder
 
     folder = model_folder(os.fspath(src))
     out = Path(out_dir)

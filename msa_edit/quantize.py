@@ -25,8 +25,7 @@ states. Dense models (Llama, GPT-2, ...) take the plain transformers bitsandbyte
 The result is for analysis (lesion games, evaluation); it is not meant to be re-saved with
 `save_pretrained` — bake edits into the full-precision base model instead.
 
->>> import torch
->>> from msa_edit.quantize import load_quantized, footprint
+>>> from msa_edit.footprint import footprint
 >>> model = load_quantized("path/to/mixtral", bits=4)  # doctest: +SKIP
 >>> footprint(model)  # bytes as stored  # doctest: +SKIP
 """
@@ -36,10 +35,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import json
 import logging
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -49,10 +46,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from msa_edit import optional
+from msa_edit.checkpoints import checkpoint_key, checkpoint_shards, iter_checkpoint, model_folder
 from msa_edit.errors import MsaEditError
+from msa_edit.linear_experts import LinearExperts, swap_fused_experts
 from msa_edit.units import ARCHITECTURES
 
-__all__ = ["LinearExperts", "footprint", "load_quantized", "swap_fused_experts"]
+__all__ = ["load_quantized"]
 
 BITS = (4, 8)
 QUANT_TYPE = "nf4"
@@ -77,147 +76,6 @@ _EXPERT_KEY = re.compile(
 )
 _FUSED_KEY = re.compile(r"^(?P<path>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
 _IGNORED_KEY = re.compile(r"(rotary_emb\.inv_freq|\.attn\.masked_bias|\.attn\.bias)$")
-_WEIGHTS_INDEX = "model.safetensors.index.json"
-_WEIGHTS_FILE = "model.safetensors"
-
-
-class LinearExperts(nn.Module):
-    """Fused MoE experts as one `nn.Linear` pair per expert, so bitsandbytes can quantise them.
-
-    Drop-in for transformers' fused experts modules (`MixtralExperts` and others with the same
-    layout): `forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`,
-    with the same eager math (`act(gate) * up` from one `[2I, H]` projection, then `[H, I]`), so in
-    full precision it is bit-identical to the fused module under `experts_implementation="eager"`
-    (and, measured, under the default "grouped_mm" on CPU). Index `num_experts` means "no expert".
-
-    >>> from transformers import MixtralConfig
-    >>> from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-    >>> config = MixtralConfig(hidden_size=8, intermediate_size=16, num_local_experts=4)
-    >>> fused = MixtralExperts(config)
-    >>> experts = LinearExperts.from_fused(fused)
-    >>> experts.num_experts, tuple(experts.gate_up_proj[0].weight.shape)
-    (4, (32, 8))
-    """
-
-    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn: nn.Module):
-        super().__init__()
-        self.num_experts = num_experts
-        self.hidden_dim = hidden_dim
-        self.intermediate_dim = intermediate_dim
-        self.gate_up_proj = nn.ModuleList(
-            nn.Linear(hidden_dim, 2 * intermediate_dim, bias=False) for _ in range(num_experts)
-        )
-        self.down_proj = nn.ModuleList(
-            nn.Linear(intermediate_dim, hidden_dim, bias=False) for _ in range(num_experts)
-        )
-        self.act_fn = act_fn
-
-    @classmethod
-    def empty_like(cls, fused: nn.Module) -> LinearExperts:
-        """A `LinearExperts` with `fused`'s shapes and activation, parameters on the meta device."""
-        gate_up, _ = _fused_weights(fused)
-        num_experts, two_i, hidden = gate_up.shape
-        with torch.device("meta"):
-            return cls(num_experts, hidden, two_i // 2, cast(nn.Module, fused.act_fn))
-
-    @classmethod
-    def from_fused(cls, fused: nn.Module) -> LinearExperts:
-        """A `LinearExperts` whose weights are views of `fused`'s tensors (no copy)."""
-        new = cls.empty_like(fused)
-        gate_up, down = _fused_weights(fused)
-        for e in range(new.num_experts):
-            new.gate_up_proj[e].weight = nn.Parameter(gate_up.data[e], requires_grad=False)
-            new.down_proj[e].weight = nn.Parameter(down.data[e], requires_grad=False)
-        return new
-
-    def forward(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Weighted sum of each token's top-k expert outputs; `[T, H]` in, `[T, H]` out."""
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
-            expert_mask = expert_mask.permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        for hit in expert_hit:
-            e = int(hit[0])
-            if e == self.num_experts:
-                continue
-            top_k_pos, token_idx = torch.where(expert_mask[e])
-            gate, up = self.gate_up_proj[e](hidden_states[token_idx]).chunk(2, dim=-1)
-            out = self.down_proj[e](self.act_fn(gate) * up)
-            out = out * top_k_weights[token_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
-        return final_hidden_states
-
-    def extra_repr(self) -> str:
-        """Shapes, for `print(model)`."""
-        return (
-            f"num_experts={self.num_experts}, hidden={self.hidden_dim}, "
-            f"intermediate={self.intermediate_dim}"
-        )
-
-
-def _fused_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fused experts module's `(gate_up_proj [E, 2I, H], down_proj [E, H, I])`."""
-    return cast(torch.Tensor, module.gate_up_proj), cast(torch.Tensor, module.down_proj)
-
-
-def _is_fused_experts(module: nn.Module) -> bool:
-    """Whether `module` holds fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]` experts."""
-    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
-    return (
-        isinstance(gate_up, nn.Parameter)
-        and isinstance(down, nn.Parameter)
-        and gate_up.dim() == 3
-        and down.dim() == 3
-    )
-
-
-def _check_fused_layout(name: str, module: nn.Module) -> None:
-    """Raise unless `module`'s fused layout is the one `LinearExperts` reproduces exactly."""
-    gate_up, down = _fused_weights(module)
-    e, two_i, h = gate_up.shape
-    layout_ok = (
-        tuple(down.shape) == (e, h, two_i // 2)
-        and getattr(module, "is_concatenated", True)
-        and not getattr(module, "is_transposed", False)
-        and not getattr(module, "has_bias", False)
-        and getattr(module, "has_gate", True)
-        and not getattr(module, "has_post_expert_norm", False)
-        and not any(n.endswith("bias") for n, _ in module.named_parameters())
-        and hasattr(module, "act_fn")
-    )
-    if not layout_ok:
-        raise MsaEditError(
-            f"experts module {name} ({type(module).__name__}) has a fused layout msa_edit cannot "
-            "quantise (transposed, interleaved, biased or normed); load it in full precision"
-        )
-
-
-def swap_fused_experts(model: nn.Module) -> list[str]:
-    """Replace each fused experts module of `model` in place by a `LinearExperts`; return the names.
-
-    Meta-device modules get empty (meta) replacements; materialised ones get views of their
-    weights, so the swap copies nothing and the outputs stay bit-identical.
-
-    >>> import torch
-    >>> from transformers import MixtralConfig, MixtralForCausalLM
-    >>> cfg = MixtralConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-    ...                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-    ...                     num_local_experts=4)
-    >>> model = MixtralForCausalLM(cfg)
-    >>> swap_fused_experts(model)
-    ['model.layers.0.mlp.experts']
-    """
-    names = [n for n, m in model.named_modules() if _is_fused_experts(m)]
-    for name in names:
-        fused = model.get_submodule(name)
-        _check_fused_layout(name, fused)
-        on_meta = _fused_weights(fused)[0].device.type == "meta"
-        new = LinearExperts.empty_like(fused) if on_meta else LinearExperts.from_fused(fused)
-        model.set_submodule(name, new)
-    return names
 
 
 def _import_bnb() -> Any:
@@ -243,41 +101,6 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
             "device='cuda' was asked for but CUDA is not available; use device='cpu'"
         )
     return dev
-
-
-def model_folder(path_or_id: str | Path) -> Path:
-    """A local model directory: `path_or_id` itself or a Hub snapshot (configs, safetensors)."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or str(path_or_id).count("/") > 1:
-        raise MsaEditError(
-            f"{path_or_id} is not a model directory; pass a directory with config.json"
-        )
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
-        return Path(snapshot_download(str(path_or_id), allow_patterns=patterns))
-    except Exception as exc:
-        raise MsaEditError(
-            f"could not find {path_or_id!r} locally or on the Hub ({type(exc).__name__}); "
-            "pass a local model directory or check the id and network"
-        ) from exc
-
-
-def checkpoint_shards(folder: Path) -> list[Path]:
-    """The safetensors files of the checkpoint in `folder`, in index order."""
-    index = folder / _WEIGHTS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [folder / f for f in dict.fromkeys(weight_map.values())]
-    if (folder / _WEIGHTS_FILE).is_file():
-        return [folder / _WEIGHTS_FILE]
-    raise MsaEditError(
-        f"{folder} has no safetensors weights; "
-        "re-save the model with save_pretrained (safetensors is its default)"
-    )
 
 
 def _bnb_config(bits: int, dtype: torch.dtype) -> Any:
@@ -413,32 +236,13 @@ class _Loader:
         _malloc_trim()
 
 
-def _iter_checkpoint(shards: list[Path]) -> Iterator[tuple[str, Any]]:
-    """(key, safetensors handle) for every tensor of every shard, one shard open at a time."""
-    from safetensors import safe_open
-
-    for shard in shards:
-        with safe_open(str(shard), framework="pt", device="cpu") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield key, handle
-
-
-def checkpoint_key(key: str, model_type: str) -> str:
-    """A checkpoint's tensor name as the transformers 5 module tree names it (older Mixtral
-    checkpoints say `block_sparse_moe` where transformers 5 says `mlp`)."""
-    arch = ARCHITECTURES.get(model_type)
-    for old, new in arch.checkpoint_renames if arch is not None else ():
-        key = key.replace(old, new)
-    return key
-
-
 def _stream_weights(loader: _Loader, shards: list[Path]) -> list[str]:
     """Load every checkpoint tensor into the skeleton; return the keys nothing matched."""
     model = loader.model
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     halves: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     unexpected: list[str] = []
-    for key, handle in _iter_checkpoint(shards):
+    for key, handle in iter_checkpoint(shards):
         name = checkpoint_key(key, model.config.model_type)
         expert, fused = _EXPERT_KEY.match(name), _FUSED_KEY.match(name)
         if expert and isinstance(_module_or_none(model, expert["path"]), LinearExperts):
@@ -608,49 +412,3 @@ def load_quantized(
         model = _load_dense(folder, bits, dtype, dev)
     model.config.name_or_path = str(path_or_id)
     return model
-
-
-def _quant_stats_bytes(param: nn.Parameter, module: nn.Module, seen: set[int]) -> int:
-    """Bytes of the bnb statistics that belong to `param` (4-bit block scales, 8-bit row scales)."""
-    tensors: list[torch.Tensor] = []
-    state = getattr(param, "quant_state", None)
-    while state is not None:
-        tensors += [
-            t for t in (state.absmax, state.code, getattr(state, "offset", None)) if t is not None
-        ]
-        state = getattr(state, "state2", None) if getattr(state, "nested", False) else None
-    lt_state = getattr(module, "state", None)
-    for scb in (getattr(param, "SCB", None), getattr(lt_state, "SCB", None)):
-        if isinstance(scb, torch.Tensor):
-            tensors.append(scb)
-    return sum(_tensor_bytes(t, seen) for t in tensors)
-
-
-def _tensor_bytes(tensor: torch.Tensor, seen: set[int]) -> int:
-    """`tensor`'s storage bytes, counted once per storage (tied and shared tensors count once)."""
-    if tensor.device.type == "meta":
-        return 0
-    key = tensor.untyped_storage().data_ptr()
-    if key in seen:
-        return 0
-    seen.add(key)
-    return tensor.untyped_storage().nbytes()
-
-
-def footprint(model: nn.Module) -> int:
-    """Bytes of `model`'s parameters and buffers as stored, quantised weights at their packed size.
-
-    Counts each storage once (tied embeddings count once) and includes the bitsandbytes
-    quantisation statistics (4-bit block scales and code books, 8-bit row scales).
-
-    >>> footprint(torch.nn.Linear(4, 2, bias=False))
-    32
-    """
-    seen: set[int] = set()
-    total = 0
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            total += _tensor_bytes(param, seen) + _quant_stats_bytes(param, module, seen)
-        for buffer in module.buffers(recurse=False):
-            total += _tensor_bytes(buffer, seen)
-    return total

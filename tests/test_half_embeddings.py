@@ -12,8 +12,8 @@ from tiny_models import build
 
 from msa_edit import half_embeddings
 from msa_edit.errors import MsaEditError
+from msa_edit.footprint import footprint
 from msa_edit.half_embeddings import HalfEmbedding, HalfHead, store_half
-from msa_edit.quantize import footprint
 from msa_edit.screens import gate_attribution
 
 IDS = torch.tensor([[1, 5, 9, 30, 77, 2], [3, 3, 40, 95, 0, 11]])

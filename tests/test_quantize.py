@@ -22,15 +22,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 from msa_edit.edit import remove_experts
 from msa_edit.errors import MsaEditError
+from msa_edit.footprint import footprint
 from msa_edit.lesions import lesioned
+from msa_edit.linear_experts import LinearExperts, swap_fused_experts
 from msa_edit.units import Unit
 
 bnb = pytest.importorskip("bitsandbytes")
 quantize = pytest.importorskip("msa_edit.quantize")
-LinearExperts = quantize.LinearExperts
-footprint = quantize.footprint
 load_quantized = quantize.load_quantized
-swap_fused_experts = quantize.swap_fused_experts
 
 VOCAB = 128
 EXPERTS = 8

@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from msa_edit.checkpoints import checkpoint_key, checkpoint_shards
 from msa_edit.edit.experts import Extra, removal_layout, split_layout
 from msa_edit.edit.record import EditRecord, names
 from msa_edit.edit.tensorfile import (
@@ -40,7 +41,6 @@ from msa_edit.edit.tensorfile import (
 )
 from msa_edit.errors import MsaEditError
 from msa_edit.progress import Progress
-from msa_edit.quantize import checkpoint_key, checkpoint_shards
 from msa_edit.units import ARCHITECTURES, Architecture, Unit, expert_groups
 
 INDEX = "model.safetensors.index.json"

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from msa_edit import optional
 from msa_edit.atomic import atomic_path, read_json, write_json, write_text
+from msa_edit.checkpoints import checkpoint_shards
 from msa_edit.edit import EditRecord, apply_plan
 from msa_edit.edit.experts import removal_layout
 from msa_edit.edit.tensorfile import read_header
@@ -58,7 +59,7 @@ from msa_edit.half_embeddings import store_half
 from msa_edit.lesions import LESIONS, lesioned, scaled, unit_means
 from msa_edit.plan import Plan, make_plan
 from msa_edit.progress import format_duration
-from msa_edit.quantize import checkpoint_shards, load_quantized
+from msa_edit.quantize import load_quantized
 from msa_edit.recipes.removal import check_feasible, choose_removals
 from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe, load_recipe
 from msa_edit.recipes.screening import read_screen, screened, write_screen

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from msa_edit.errors import MsaEditError
+from msa_edit.footprint import footprint
 from msa_edit.half_embeddings import HalfEmbedding
 from msa_edit.optional import available
-from msa_edit.quantize import footprint
 from msa_edit.recipes.runner import load_model
 from msa_edit.recipes.schema import ModelStage, as_recipe
 
