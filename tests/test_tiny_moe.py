@@ -21,7 +21,13 @@ from msa_edit.cli import main
 from msa_edit.edit import remove_experts
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import lesioned
-from msa_edit.tiny_moe import TinyMoeConfig, build_key, build_tiny_moe, routing_by_language
+from msa_edit.tiny_moe import (
+    TinyMoeConfig,
+    build_key,
+    build_tiny_moe,
+    routing_by_language,
+    training,
+)
 from msa_edit.units import select
 
 LANGS = ("en", "de", "ru")
@@ -32,12 +38,12 @@ SMALL = TinyMoeConfig(
 
 
 class TrainSpy:
-    """Wraps `tiny_moe._train`: counts trainings and keeps the last trained model in memory."""
+    """Wraps `tiny_moe.training.train`: counts trainings and keeps the last trained model."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.model: object = None
-        self._train = tm._train
+        self._train = training.train
 
     def __call__(self, model, streams, config):
         self.calls += 1
@@ -58,7 +64,7 @@ def built(texts, tmp_path_factory) -> dict[str, object]:
     threads = torch.get_num_threads()
     spy = TrainSpy()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tm, "_train", spy)
+        mp.setattr(training, "train", spy)
         a = build_tiny_moe(texts, root / "a", config=SMALL)
         model_a = spy.model
         b = build_tiny_moe(texts, root / "b", config=SMALL)
@@ -121,7 +127,7 @@ def test_routing_by_language_fractions(built) -> None:
 
 def test_existing_build_is_reused_whatever_the_language_order(built, texts, monkeypatch) -> None:
     spy = TrainSpy()
-    monkeypatch.setattr(tm, "_train", spy)
+    monkeypatch.setattr(training, "train", spy)
     stamp = (Path(built["a"]) / "model.safetensors").stat().st_mtime_ns
     reordered = dict(reversed(list(texts.items())))
     assert build_tiny_moe(reordered, built["a"], config=SMALL) == built["a"]
@@ -132,7 +138,7 @@ def test_existing_build_is_reused_whatever_the_language_order(built, texts, monk
 def test_cache_builds_once(texts, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MSA_EDIT_CACHE", str(tmp_path / "cache"))
     spy = TrainSpy()
-    monkeypatch.setattr(tm, "_train", spy)
+    monkeypatch.setattr(training, "train", spy)
     small = TinyMoeConfig(**{**SMALL.to_dict(), "steps": 3})
     first = build_tiny_moe(texts, config=small)
     stamp = (first / "model.safetensors").stat().st_mtime_ns
@@ -151,7 +157,7 @@ def test_rebuild_replaces_a_tiny_moe_dir_and_an_interrupted_one_leaves_it(built,
         raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
-        mp.setattr(tm, "_train", interrupted)
+        mp.setattr(training, "train", interrupted)
         build_tiny_moe(texts, out, seed=1, config=SMALL)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(".")) == []
