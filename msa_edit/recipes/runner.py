@@ -638,15 +638,22 @@ def apply(
 
 
 @in_run_dir
-def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
+def edit(
+    recipe: Recipe,
+    out: Path,
+    say: Say = say_line,
+    loaded: Loaded | None = None,
+    targets: Targets | None = None,
+) -> Path:
     """Apply plan.json to the base model and export the result to model/ (no metrics yet).
 
-    An expert removal without healing is done on the checkpoint's shards, one tensor slab at a
+    `loaded` (a full-precision base model already in memory) is edited in place. Otherwise an
+    expert removal without healing is done on the checkpoint's shards, one tensor slab at a
     time (`export.export_checkpoint`), so a 4-bit recipe never materialises the full-precision
     model; other edits load the base model in full precision, apply the plan and export it.
     """
     chosen = _read_plan(recipe, out)
-    if chosen is not None and _streamable(recipe, chosen):
+    if loaded is None and chosen is not None and _streamable(recipe, chosen):
         folder = model_source(recipe.model, say)
         say(f"edit: removing {len(chosen.units)} experts from the checkpoint shards of {folder}")
         path, record = export_checkpoint(
@@ -657,8 +664,9 @@ def edit(recipe: Recipe, out: Path, say: Say = say_line) -> Path:
         update_card(path, _card(recipe, out, None))  # now with this edit's record
         _say_records([record], say, recipe.lesion.kind)
         return path
-    loaded = load_model(recipe.model, quantized=False, say=say)
-    targets = load_targets(recipe, loaded.tokenizer) if recipe.edit.heal else None
+    loaded = loaded or load_model(recipe.model, quantized=False, say=say)
+    if targets is None and recipe.edit.heal:
+        targets = load_targets(recipe, loaded.tokenizer)
     records = apply(recipe, out, loaded.model, targets)
     _say_records(records, say, recipe.lesion.kind)
     return _export(recipe, out, loaded, metrics=None)
@@ -798,10 +806,29 @@ def evaluate(recipe: Recipe, out: Path, say: Say = say_line) -> dict[str, Any]:
         check_tasks(recipe.evaluate.lm_eval_tasks, recipe.evaluate.lm_eval_include)
     base = load_model(recipe.model, say=say)
     texts = eval_texts(recipe, base.folder)
-    before = metrics(recipe, base, texts)
-    candidates = candidate_metrics(recipe, out, base, texts)
+    before, candidates = baseline(recipe, out, base, texts)
     del base
     after = metrics(recipe, _load_edited(recipe, out, recipe.model.name), texts)
+    return record_metrics(recipe, out, before, after, candidates, say)
+
+
+def baseline(
+    recipe: Recipe, out: Path, base: Loaded, texts: Mapping[str, str]
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """The base model's metrics and the plan's candidates' held-out metrics (before any edit)."""
+    return metrics(recipe, base, texts), candidate_metrics(recipe, out, base, texts)
+
+
+def record_metrics(
+    recipe: Recipe,
+    out: Path,
+    before: Mapping[str, float],
+    after: Mapping[str, float],
+    candidates: Mapping[str, Any],
+    say: Say,
+) -> dict[str, Any]:
+    """Write eval.json (after model/, so a kill never leaves metrics of a missing model), say
+    the changes and the headline, and return the record."""
     write_eval_json(out / EVAL_JSON, before, after, candidates)
     _say_metrics(out, say, _specific_target(recipe))
     return read_eval_json(out / EVAL_JSON)
@@ -977,19 +1004,15 @@ def run(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = 
             f"the plan chose no units ({out / PLAN_JSON} is written; nothing to edit); "
             "lower plan.min_z, raise the estimator budget or the plan's budget, or add target text"
         )
-    before = metrics(recipe, loaded, texts)
-    candidates = candidate_metrics(recipe, out, loaded, texts)
-    if recipe.model.bits is None:
-        _say_records(apply(recipe, out, loaded.model, targets), say, recipe.lesion.kind)
-        after = metrics(recipe, loaded, texts)
-        _export(recipe, out, loaded, {"before": before, "after": after})  # model/ before eval.json
-        write_eval_json(out / EVAL_JSON, before, after, candidates)
+    before, candidates = baseline(recipe, out, loaded, texts)
+    if recipe.model.bits is None:  # the model in memory is edited in place and evaluated
+        edit(recipe, out, say, loaded, targets)
+        edited = loaded
     else:  # edit the full-precision weights, evaluate the edited model quantised like the base
         del loaded
         edit(recipe, out, say)
-        after = metrics(recipe, _load_edited(recipe, out, recipe.model.name), texts)
-        write_eval_json(out / EVAL_JSON, before, after, candidates)
-    _say_metrics(out, say, _specific_target(recipe))
+        edited = _load_edited(recipe, out, recipe.model.name)
+    record_metrics(recipe, out, before, metrics(recipe, edited, texts), candidates, say)
     return export(recipe, out, say)
 
 
