@@ -17,7 +17,14 @@ R seeds (seeds 1..R, the same for every cell):
 * the headline: the smallest budget at which `auto`'s RMSE is at most msapy's RMSE at 100
   permutations, found by bisection over integer budgets in [2n, 2^n - 1] (assumes the RMSE
   falls with the budget), and its ratio to msapy's objective calls and distinct coalitions
-  (goal: <= 1/4).
+  (goal: <= 1/4);
+* where shapiq is installed (`pip install shapiq lightgbm`, a benchmark extra, not a
+  dependency): its Shapley-value approximators (KernelSHAP and kADD-SHAP with paired sampling,
+  SVARM, stratified, permutation and Owen sampling, unbiased KernelSHAP, ProxySPEX) at the same
+  budgets on the same games and seeds (a vector game is run once per output, with the same
+  seed, so every output sees the same coalitions), and `auto`'s RMSE ÷ the best of them at
+  each budget (goal: <= 0.5). ProxySPEX trains a LightGBM proxy per run (about 1-2 s), so it
+  runs on the first `PROXYSPEX_SEEDS` seeds only.
 
 Results are printed as Markdown tables and written to `evals/results/bench_estimators.json`.
 Same seeds give the same numbers (wall times aside). Run from the repository root:
@@ -67,6 +74,21 @@ CHECK_BELOW = 8
 """Budgets just below the bisection's answer that are probed too, since bisection assumes the RMSE
 falls with the budget and auto's RMSE is far from monotone at tiny budgets."""
 GOAL_RATIO = 0.25
+SHAPIQ = {
+    "KernelSHAP": {"pairing_trick": True},
+    "kADDSHAP": {"pairing_trick": True},
+    "SVARM": {},
+    "StratifiedSamplingSV": {},
+    "PermutationSamplingSV": {},
+    "UnbiasedKernelSHAP": {"pairing_trick": True},
+    "OwenSamplingSV": {},
+    "ProxySPEX": {"index": "SV"},
+}
+"""shapiq's Shapley-value approximators and their settings (paired sampling where offered)."""
+SHAPIQ_BUDGETS = (64, 128, 256, 512)
+QUICK_SHAPIQ_BUDGETS = (128, 512)
+PROXYSPEX_SEEDS = 5
+PEER_GOAL = 0.5
 Z_95 = 1.96
 RESULTS_PATH = Path(__file__).resolve().parent / "results" / "bench_estimators.json"
 
@@ -100,7 +122,8 @@ class Cell:
     @property
     def label(self) -> str:
         unit = "perms" if self.estimator == "msapy" else ""
-        return f"{self.method}@{self.size}{unit}"
+        prefix = "shapiq " if self.estimator == "shapiq" else ""
+        return f"{prefix}{self.method}@{self.size}{unit}"
 
 
 def summarize(estimator: str, method: str, size: int, runs: Sequence[Run]) -> Cell:
@@ -152,6 +175,73 @@ def run_theirs(game: Game, exact: np.ndarray, n_permutations: int, seed: int) ->
         distinct=len(counter.seen),
         seconds=seconds,
     )
+
+
+def run_shapiq(game: Game, exact: np.ndarray, name: str, budget: int, seed: int) -> Run:
+    """One shapiq run of approximator `name` at `budget`, one scalar game per output entry."""
+    import shapiq.approximator
+
+    n, width = exact.shape[0], int(np.prod(exact.shape[1:]))
+    counter = CountingGame(game)
+    cache: dict[bytes, np.ndarray] = {}
+
+    def values(coalitions: np.ndarray) -> np.ndarray:
+        rows = np.atleast_2d(np.asarray(coalitions, dtype=bool))
+        keys = [r.tobytes() for r in rows]
+        new = [i for i, k in enumerate(keys) if k not in cache]
+        if new:
+            out = counter(torch.from_numpy(rows[new])).double().numpy().reshape(len(new), -1)
+            cache.update((keys[i], o) for i, o in zip(new, out, strict=True))
+        return np.stack([cache[k] for k in keys])
+
+    start = time.perf_counter()
+    estimates = []
+    for d in range(width):
+        approximator = getattr(shapiq.approximator, name)(n=n, random_state=seed, **SHAPIQ[name])
+        result = approximator.approximate(budget, lambda c, d=d: values(c)[:, d])
+        estimates.append(np.asarray(result.get_n_order_values(1), dtype=np.float64))
+    seconds = time.perf_counter() - start
+    error = np.stack(estimates, 1).reshape(exact.shape) - exact
+    distinct = len(counter.seen)
+    return Run(error, None, distinct, counter.calls, distinct, seconds)
+
+
+def shapiq_cell(game: Game, exact: np.ndarray, name: str, budget: int, seeds: range) -> Cell:
+    if name == "ProxySPEX":
+        seeds = seeds[:PROXYSPEX_SEEDS]
+    runs = [run_shapiq(game, exact, name, budget, s) for s in seeds]
+    return summarize("shapiq", name, budget, runs)
+
+
+def shapiq_available() -> bool:
+    try:
+        import lightgbm  # noqa: F401 - ProxySPEX's proxy
+        import shapiq  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def peer_comparison(cells: Sequence[Cell]) -> list[dict[str, Any]]:
+    """Per shapiq budget: auto's RMSE, the best shapiq approximator's, and their ratio."""
+    rows = []
+    for budget in sorted({c.size for c in cells if c.estimator == "shapiq"}):
+        auto = next(c for c in cells if c.estimator == "msa_edit" and c.method == "auto"
+                    and c.size == budget)  # fmt: skip
+        best = min((c for c in cells if c.estimator == "shapiq" and c.size == budget),
+                   key=lambda c: c.rmse)  # fmt: skip
+        rows.append({"budget": budget, "auto_rmse": auto.rmse, "best": best.method,
+                     "best_rmse": best.rmse, "ratio": auto.rmse / best.rmse})  # fmt: skip
+    return rows
+
+
+def peer_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| budget | auto RMSE | best shapiq | its RMSE | auto ÷ best |",
+             "|---:|---:|---|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['budget']} | {r['auto_rmse']:.4g} | {r['best']} "
+                     f"| {r['best_rmse']:.4g} | {r['ratio']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def ours_cell(game: Game, exact: np.ndarray, method: str, budget: int, seeds: range) -> Cell:
@@ -219,16 +309,23 @@ def search_range(n_players: int) -> tuple[int, int]:
 
 
 def bench_game(
-    game: Game, n_players: int, budgets: Sequence[int], permutations: Sequence[int], seeds: range
+    game: Game,
+    n_players: int,
+    budgets: Sequence[int],
+    permutations: Sequence[int],
+    seeds: range,
+    peer_budgets: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Exact reference, every estimator cell and the headline for one game."""
     exact = estimate(game, n_players, method="exact", progress=False).values.numpy()
     ours = [ours_cell(game, exact, m, b, seeds) for m in METHODS for b in budgets]
     theirs = [msapy_cell(game, exact, p, seeds) for p in permutations]
+    peers = [shapiq_cell(game, exact, a, b, seeds) for a in SHAPIQ for b in peer_budgets]
     matches = [headline(game, exact, c, seeds) for c in theirs]
     return {
         "exact": exact.tolist(),
-        "cells": ours + theirs,
+        "cells": ours + theirs + peers,
+        "vs_shapiq": peer_comparison(ours + peers),
         "equal_accuracy": matches,
         "headline": next(h for h in matches if h["msapy_permutations"] == REFERENCE_PERMUTATIONS),
     }
@@ -324,6 +421,11 @@ def games(quick: bool) -> dict[str, tuple[Game, int, str]]:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    peer_budgets = () if not shapiq_available() else (
+        QUICK_SHAPIQ_BUDGETS if args.quick else SHAPIQ_BUDGETS
+    )  # fmt: skip
+    if not peer_budgets:
+        print("shapiq (or lightgbm) is not installed: no shapiq rows (pip install shapiq lightgbm)")
     permutations = QUICK_PERMUTATIONS if args.quick else PERMUTATIONS
     seeds = range(1, args.seeds + 1)  # msapy treats seed 0 as "no seed"
     # The games are tiny: intra-op threads only add synchronisation, which on a loaded 2-core
@@ -334,7 +436,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup = time.perf_counter() - start
     results = {
         name: bench_game(
-            game, n, budgets, permutations if name in MLP_GAMES else permutations[:4], seeds
+            game,
+            n,
+            budgets,
+            permutations if name in MLP_GAMES else permutations[:4],
+            seeds,
+            peer_budgets,
         )
         for name, (game, n, _) in played.items()
     }
@@ -344,9 +451,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"## {name}: {played[name][2]}\n\n{markdown_table(res['cells'])}\n")
         table = equal_accuracy_table(res["equal_accuracy"])
         print(f"### {name}: auto budget to match msapy\n\n{table}\n")
+        if res["vs_shapiq"]:
+            print(f"### {name}: auto vs the best shapiq approximator\n")
+            print(peer_table(res["vs_shapiq"]) + "\n")
     print("## Headline\n")
     for name, res in results.items():
         print("\n".join(headline_lines(name, res["headline"])))
+        for r in res["vs_shapiq"]:
+            verdict = "meets" if r["ratio"] <= PEER_GOAL else "misses"
+            print(f"  - vs shapiq at budget {r['budget']}: auto RMSE ÷ {r['best']}'s = "
+                  f"{r['ratio']:.2f} ({verdict} the <= {PEER_GOAL} goal)")  # fmt: skip
     print(f"\nTotal time: {total:.1f} s ({setup:.1f} s enumerating the model games)")
     payload = {
         "config": {
@@ -358,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "msapy": version("msapy"),
+            "shapiq": version("shapiq") if peer_budgets else None,
+            "shapiq_budgets": list(peer_budgets),
         },
         "games": {
             name: {**res, "cells": [asdict(c) for c in res["cells"]]}
