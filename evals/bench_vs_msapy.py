@@ -12,11 +12,15 @@ every cell's RMSE alike). Then, over the same seeds, with the same game object a
 
 * msapy 1.7.3 `msa.interface` (lazy, serial: one coalition per call) with P permutations;
 * `estimate(method="auto", budget=b, batch_size=8)`;
+* where shapiq is installed (`pip install -e '.[bench]'`), shapiq's paired KernelSHAP — the best
+  shapiq approximator in `bench_estimators.py` — at the same budgets (it hands the game all its
+  coalitions in one call; a vector game is run once per output, the later outputs read a cache);
 
 each cell's wall time, distinct coalitions evaluated and RMSE vs the reference (over players,
 languages and seeds). The equal-accuracy table pairs every msapy cell with the cheapest `auto`
 budget whose RMSE is at most msapy's, and prints the wall-time and evaluation ratios
-(goal: >= 10x less wall time). If msapy's error times sqrt(P) stays flat, msapy converges to the
+(goal: >= 10x less wall time), and the same against shapiq. If msapy's error times sqrt(P)
+stays flat, msapy converges to the
 same reference, so the reference is not biased towards our estimator.
 
 Writes evals/results/bench_vs_msapy[_quick|_thorough].json. Run from the repository root (models
@@ -39,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_estimators import run_shapiq, shapiq_available
 from benchlib import language_game, language_table, markdown, rmse, run_msapy, save_results
 
 from msa_edit.games import LesionGame
@@ -132,8 +137,24 @@ def theirs(game: LesionGame, ref: np.ndarray, n_permutations: int, seeds: range)
     )
 
 
-def equal_accuracy(msapy_cells: Sequence[Cell], auto_cells: Sequence[Cell]) -> list[dict[str, Any]]:
-    """For each msapy cell, the cheapest `auto` cell at most as wrong, and the ratios."""
+def peer(game: LesionGame, ref: np.ndarray, budget: int, seeds: range) -> Cell:
+    """shapiq's paired KernelSHAP at `budget` (see `bench_estimators.run_shapiq`)."""
+    runs = [run_shapiq(game, ref, "KernelSHAP", budget, seed) for seed in seeds]
+    return Cell(
+        estimator="shapiq KernelSHAP",
+        size=budget,
+        seconds=float(np.mean([r.seconds for r in runs])),
+        distinct=float(np.mean([r.distinct for r in runs])),
+        calls=float(np.mean([r.calls for r in runs])),
+        rmse=float(np.sqrt(np.mean(np.stack([r.error for r in runs]) ** 2))),
+    )
+
+
+def equal_accuracy(
+    msapy_cells: Sequence[Cell], auto_cells: Sequence[Cell], peer: str = "msapy"
+) -> list[dict[str, Any]]:
+    """For each cell of the peer (msapy, or shapiq), the cheapest `auto` cell at most as wrong,
+    and the ratios (keys `{peer}_size`, `{peer}_rmse`, ... where msapy's size is permutations)."""
     out = []
     for m in msapy_cells:
         match = next(
@@ -141,10 +162,10 @@ def equal_accuracy(msapy_cells: Sequence[Cell], auto_cells: Sequence[Cell]) -> l
         )
         out.append(
             {
-                "msapy_permutations": m.size,
-                "msapy_rmse": m.rmse,
-                "msapy_seconds": m.seconds,
-                "msapy_distinct": m.distinct,
+                f"{peer}_permutations" if peer == "msapy" else f"{peer}_budget": m.size,
+                f"{peer}_rmse": m.rmse,
+                f"{peer}_seconds": m.seconds,
+                f"{peer}_distinct": m.distinct,
                 "auto_budget": None if match is None else match.size,
                 "auto_rmse": None if match is None else match.rmse,
                 "auto_seconds": None if match is None else match.seconds,
@@ -160,6 +181,7 @@ def bench(spec: GameSpec, seeds: range) -> dict[str, Any]:
     ref, ref_se, ref_seconds = reference(spec, game)
     msapy_cells = [theirs(game, ref, p, seeds) for p in spec.permutations]
     auto_cells = [ours(game, ref, b, seeds) for b in spec.budgets]
+    peer_cells = [peer(game, ref, b, seeds) for b in spec.budgets] if shapiq_available() else []
     return {
         "game": asdict(spec),
         "players": game.n_players,
@@ -168,6 +190,8 @@ def bench(spec: GameSpec, seeds: range) -> dict[str, Any]:
         "msapy": [asdict(c) for c in msapy_cells],
         "auto": [asdict(c) for c in auto_cells],
         "equal_accuracy": equal_accuracy(msapy_cells, auto_cells),
+        "shapiq": [asdict(c) for c in peer_cells],
+        "vs_shapiq": equal_accuracy(peer_cells, auto_cells, "shapiq"),
     }
 
 
@@ -184,25 +208,31 @@ def cells_table(result: dict[str, Any]) -> str:
             [f"auto, budget {c['size']}", f"{c['calls']:.0f}", f"{c['distinct']:.0f}",
              f"{c['rmse']:.4f}", "", f"{c['seconds']:.2f}"]
         )  # fmt: skip
+    for c in result["shapiq"]:
+        rows.append(
+            [f"shapiq KernelSHAP, budget {c['size']}", f"{c['calls']:.0f}",
+             f"{c['distinct']:.0f}", f"{c['rmse']:.4f}", "", f"{c['seconds']:.2f}"]
+        )  # fmt: skip
     header = ["estimator", "game calls", "distinct coalitions", "RMSE", "RMSE·√P", "wall s"]
     return markdown(header, rows)
 
 
-def ratio_table(result: dict[str, Any]) -> str:
+def ratio_table(result: dict[str, Any], key: str = "equal_accuracy", peer: str = "msapy") -> str:
     rows = []
-    for h in result["equal_accuracy"]:
+    size_key = "msapy_permutations" if peer == "msapy" else "shapiq_budget"
+    for h in result[key]:
+        h = {k.replace("shapiq_", "msapy_"): v for k, v in h.items()} | {"size": h[size_key]}
         if h["auto_budget"] is None:
-            rows.append(
-                [h["msapy_permutations"], f"{h['msapy_rmse']:.4f}", "not reached", "", "", ""]
-            )
+            rows.append([h["size"], f"{h['msapy_rmse']:.4f}", "not reached", "", "", ""])
             continue
         rows.append(
-            [h["msapy_permutations"], f"{h['msapy_rmse']:.4f}",
+            [h["size"], f"{h['msapy_rmse']:.4f}",
              f"{h['auto_budget']} ({h['auto_rmse']:.4f})",
              f"{h['msapy_seconds']:.2f} / {h['auto_seconds']:.2f}",
              f"**{h['wall_ratio']:.1f}x**", f"{h['evaluation_ratio']:.1f}x"]
         )  # fmt: skip
-    header = ["msapy perms", "msapy RMSE", "auto budget (RMSE)", "wall s msapy / auto",
+    size = "perms" if peer == "msapy" else "budget"
+    header = [f"{peer} {size}", f"{peer} RMSE", "auto budget (RMSE)", f"wall s {peer} / auto",
               "less wall time", "fewer evaluations"]  # fmt: skip
     return markdown(header, rows)
 
@@ -232,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{ref['seconds']:.0f} s)\n")  # fmt: skip
         print(cells_table(res) + "\n")
         print(ratio_table(res))
+        if res["shapiq"]:
+            print("\n" + ratio_table(res, "vs_shapiq", "shapiq KernelSHAP"))
     best = [
         h["wall_ratio"]
         for r in results.values()
@@ -240,6 +272,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     print(f"\nwall-time ratio at equal accuracy: {min(best):.1f}x to {max(best):.1f}x "
           f"(goal >= {GOAL:.0f}x); total {total:.0f} s, seeds {list(seeds)}")  # fmt: skip
+    vs_peer = [h["wall_ratio"] for r in results.values() for h in r["vs_shapiq"]
+               if h["wall_ratio"] is not None]  # fmt: skip
+    if vs_peer:
+        print(f"wall-time ratio to shapiq KernelSHAP at equal accuracy: {min(vs_peer):.2f}x to "
+              f"{max(vs_peer):.2f}x")  # fmt: skip
     payload = {
         "config": {
             "quick": args.quick,
@@ -250,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "batch_size": BATCH,
             "torch_threads": torch.get_num_threads(),
             "msapy": version("msapy"),
+            "shapiq": version("shapiq") if shapiq_available() else None,
             "torch": torch.__version__,
         },
         "games": results,
