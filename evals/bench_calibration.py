@@ -16,7 +16,9 @@ outputs x seeds, with |error| <= 1.96 stderr; 95 % when the stderr is right, the
 **stderr / spread** (the median over entries of the mean reported stderr over the seed-to-seed
 standard deviation of the estimate; the goal 0.7-1.4: a ratio far below 1 is overconfident) and
 the RMSE. Every stderr is the method's own (`kernel`: a jackknife over sampled pairs;
-`permutation`: over sampled orders; both scaled by Student's t for their degrees of freedom).
+`permutation`: over sampled orders; `adjusted`: the spread of its cross-fitted per-pair terms, or
+the kernel's when it chose the kernel; all scaled by Student's t for their degrees of freedom).
+For `adjusted` the last column counts which candidate it chose over the seeds.
 
     python evals/bench_calibration.py              # 30 seeds, about 10 minutes (+ model builds)
     python evals/bench_calibration.py --quick      # 8 seeds, two budgets, no model games
@@ -37,7 +39,7 @@ from msa_edit.shapley import Game, estimate
 from msa_edit.shapley.estimate import min_budget
 from msa_edit.shapley.toys import layered_game, mlp_game
 
-METHODS = ("kernel", "permutation")
+METHODS = ("adjusted", "kernel", "permutation")
 MULTIPLES = (1.0, 1.5, 2.0, 5.0, 20.0)
 QUICK_MULTIPLES = (1.0, 5.0)
 Z_95 = 1.96
@@ -47,27 +49,33 @@ def exact(game: Game, n: int) -> torch.Tensor:
     return estimate(game, n, method="exact", progress=False).values.double()
 
 
-def games(with_models: bool) -> dict[str, tuple[Game, torch.Tensor]]:
-    out = {"layered-200": layered_game()}
+def games(with_models: bool) -> dict[str, tuple[Game, torch.Tensor, list[int]]]:
+    """name -> (game, exact values, each player's layer)."""
+    game, values = layered_game()
+    out = {"layered-200": (game, values, [i // 10 for i in range(200)])}
     mlp = mlp_game(n_hidden=10, seed=0)
-    out["mlp"] = (mlp, exact(mlp, 10))
+    out["mlp"] = (mlp, exact(mlp, 10), [0] * 10)
     if with_models:
         from bench_estimators import MODEL_GAMES, N_SEQ, SEQ_LEN
-        from benchlib import language_table
+        from benchlib import language_table, unit_layers
 
         for name, model, units in MODEL_GAMES:
             table = language_table(model, units, N_SEQ, SEQ_LEN)
-            out[name] = (table, exact(table, 12))
+            out[name] = (table, exact(table, 12), unit_layers(model, units))
     return out
 
 
-def cell(game: Game, exact: torch.Tensor, method: str, budget: int, seeds: int) -> dict[str, Any]:
-    """Coverage, stderr / spread and RMSE of `method` at `budget` over seeds 1..`seeds`."""
+def cell(
+    game: Game, exact: torch.Tensor, method: str, budget: int, seeds: int, groups: list[int]
+) -> dict[str, Any]:
+    """Coverage, stderr / spread and RMSE of `method` at `budget` over seeds 1..`seeds`, and
+    for `adjusted` how often each candidate was chosen."""
     n = exact.shape[0]
-    values, stderrs = [], []
+    values, stderrs, chosen = [], [], []
     start = time.perf_counter()
     for seed in range(1, seeds + 1):
-        res = estimate(game, n, method=method, budget=budget, seed=seed, progress=False)
+        res = estimate(game, n, method, budget, seed, groups=groups, progress=False)
+        chosen.append(res.surrogate)
         values.append(res.values.double().reshape(n, -1))
         stderrs.append(res.stderr.double().reshape(n, -1))
     v, s = torch.stack(values), torch.stack(stderrs)
@@ -81,6 +89,7 @@ def cell(game: Game, exact: torch.Tensor, method: str, budget: int, seeds: int) 
         "rmse": float(error.pow(2).mean().sqrt()),
         "infinite_stderr": float((~torch.isfinite(s)).double().mean()),
         "seconds_per_run": (time.perf_counter() - start) / seeds,
+        "chosen": {c: chosen.count(c) for c in sorted(set(chosen)) if c},
     }
 
 
@@ -94,7 +103,7 @@ def main() -> None:
     multiples = QUICK_MULTIPLES if args.quick else MULTIPLES
     results: dict[str, Any] = {"seeds": seeds, "games": {}}
     rows = []
-    for name, (game, exact) in games(not (args.quick or args.no_models)).items():
+    for name, (game, exact, groups) in games(not (args.quick or args.no_models)).items():
         n = exact.shape[0]
         results["games"][name] = {}
         for method in METHODS:
@@ -104,17 +113,19 @@ def main() -> None:
                 budget = int(least * k)
                 if budget >= 1 << min(n, 62):
                     continue
-                c = cell(game, exact, method, budget, seeds)
+                c = cell(game, exact, method, budget, seeds, groups)
                 cells.append(c)
                 ratio = c["stderr_over_spread"]
                 shown = "n/a" if ratio is None else f"{ratio:.2f}"
                 coverage = f"{100 * c['coverage']:.1f}%"
                 rmse = f"{c['rmse']:.4f}"
-                rows.append([name, method, f"{budget} ({k:g}x)", coverage, shown, rmse])
+                picks = ", ".join(f"{k2} {v}" for k2, v in c["chosen"].items())
+                rows.append([name, method, f"{budget} ({k:g}x)", coverage, shown, rmse, picks])
                 print(" | ".join(map(str, rows[-1])), flush=True)
             results["games"][name][method] = cells
     save_results("bench_calibration", args.quick, results)
-    header = ["game", "method", "budget (x least)", "95% coverage", "stderr / spread", "RMSE"]
+    header = ["game", "method", "budget (x least)", "95% coverage", "stderr / spread", "RMSE",
+              "adjusted chose (seeds)"]  # fmt: skip
     print(f"\n# Error-bar calibration, {seeds} seeds\n")
     print(markdown(header, rows))
 

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from benchlib import CountingGame, language_table, run_msapy
+from benchlib import CountingGame, language_table, run_msapy, unit_layers
 
 from msa_edit.atomic import write_json
 from msa_edit.shapley import Game, estimate
@@ -146,11 +146,13 @@ def summarize(estimator: str, method: str, size: int, runs: Sequence[Run]) -> Ce
     )
 
 
-def run_ours(game: Game, exact: np.ndarray, method: str, budget: int, seed: int) -> Run:
-    """One `estimate` run of `method` at `budget`."""
+def run_ours(
+    game: Game, exact: np.ndarray, method: str, budget: int, seed: int, groups: list[int]
+) -> Run:
+    """One `estimate` run of `method` at `budget` (players in `groups`: their layers)."""
     counter = CountingGame(game)
     start = time.perf_counter()
-    res = estimate(counter, exact.shape[0], method=method, budget=budget, seed=seed, progress=False)
+    res = estimate(counter, exact.shape[0], method, budget, seed, groups=groups, progress=False)
     seconds = time.perf_counter() - start
     return Run(
         error=res.values.numpy() - exact,
@@ -244,8 +246,10 @@ def peer_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def ours_cell(game: Game, exact: np.ndarray, method: str, budget: int, seeds: range) -> Cell:
-    runs = [run_ours(game, exact, method, budget, s) for s in seeds]
+def ours_cell(
+    game: Game, exact: np.ndarray, method: str, budget: int, seeds: range, groups: list[int]
+) -> Cell:
+    runs = [run_ours(game, exact, method, budget, s, groups) for s in seeds]
     return summarize("msa_edit", method, budget, runs)
 
 
@@ -272,13 +276,15 @@ def bisect_budget(
     return hi, "bisection"
 
 
-def headline(game: Game, exact: np.ndarray, reference: Cell, seeds: range) -> dict[str, Any]:
+def headline(
+    game: Game, exact: np.ndarray, reference: Cell, seeds: range, groups: list[int]
+) -> dict[str, Any]:
     """Where `auto` first matches msapy's RMSE at the reference permutations, and the ratios."""
     probes: dict[int, float] = {}
 
     def rmse_at(budget: int) -> float:
         if budget not in probes:
-            probes[budget] = ours_cell(game, exact, "auto", budget, seeds).rmse
+            probes[budget] = ours_cell(game, exact, "auto", budget, seeds, groups).rmse
         return probes[budget]
 
     lo, hi = search_range(exact.shape[0])
@@ -314,14 +320,15 @@ def bench_game(
     budgets: Sequence[int],
     permutations: Sequence[int],
     seeds: range,
+    groups: list[int],
     peer_budgets: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Exact reference, every estimator cell and the headline for one game."""
     exact = estimate(game, n_players, method="exact", progress=False).values.numpy()
-    ours = [ours_cell(game, exact, m, b, seeds) for m in METHODS for b in budgets]
+    ours = [ours_cell(game, exact, m, b, seeds, groups) for m in METHODS for b in budgets]
     theirs = [msapy_cell(game, exact, p, seeds) for p in permutations]
     peers = [shapiq_cell(game, exact, a, b, seeds) for a in SHAPIQ for b in peer_budgets]
-    matches = [headline(game, exact, c, seeds) for c in theirs]
+    matches = [headline(game, exact, c, seeds, groups) for c in theirs]
     return {
         "exact": exact.tolist(),
         "cells": ours + theirs + peers,
@@ -401,20 +408,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def games(quick: bool) -> dict[str, tuple[Game, int, str]]:
-    """The benchmarked games: name -> (game, players, description)."""
-    out: dict[str, tuple[Game, int, str]] = {
-        "scalar": (mlp_game(MLP_PLAYERS, seed=0), MLP_PLAYERS, f"mlp_game({MLP_PLAYERS}), scalar"),
-        "modes": (
-            mlp_game(MLP_PLAYERS, seed=0, per_class=True),
-            MLP_PLAYERS,
-            f"mlp_game({MLP_PLAYERS}, per_class=True), modes [3]",
-        ),
-    }
+def games(quick: bool) -> dict[str, tuple[Game, int, str, list[int]]]:
+    """The benchmarked games: name -> (game, players, description, each player's layer)."""
+    one_layer = [0] * MLP_PLAYERS
+    out: dict[str, tuple[Game, int, str, list[int]]] = {
+        "scalar": (mlp_game(MLP_PLAYERS, seed=0), MLP_PLAYERS,
+                   f"mlp_game({MLP_PLAYERS}), scalar", one_layer),
+        "modes": (mlp_game(MLP_PLAYERS, seed=0, per_class=True), MLP_PLAYERS,
+                  f"mlp_game({MLP_PLAYERS}, per_class=True), modes [3]", one_layer),
+    }  # fmt: skip
     for name, model, units in MODEL_GAMES:
         table = language_table(model, units, N_SEQ, SEQ_LEN)
         what = f"benchlib model {model!r}, {units}, per-language NLL modes [6] (table lookup)"
-        out[name] = (table, table.n_players, what)
+        out[name] = (table, table.n_players, what, unit_layers(model, units))
     return out
 
 
@@ -441,9 +447,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             budgets,
             permutations if name in MLP_GAMES else permutations[:4],
             seeds,
+            groups,
             peer_budgets,
         )
-        for name, (game, n, _) in played.items()
+        for name, (game, n, _, groups) in played.items()
     }
     total = time.perf_counter() - start
     print(f"# Shapley estimators vs exact values, {args.seeds} seeds\n")

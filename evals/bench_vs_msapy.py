@@ -113,7 +113,8 @@ def ours(game: LesionGame, ref: np.ndarray, budget: int, seeds: range) -> Cell:
     runs = []
     for seed in seeds:
         start = time.perf_counter()
-        res = estimate(game, game.n_players, "auto", budget, seed, BATCH, progress=False)
+        res = estimate(game, game.n_players, "auto", budget, seed, BATCH, progress=False,
+                       groups=[u.layer for u in game.units])  # fmt: skip
         runs.append((time.perf_counter() - start, res.n_evaluations, res.values.numpy()))
     return Cell(
         estimator="auto",

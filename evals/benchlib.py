@@ -77,6 +77,13 @@ def language_game(name: str, units: str, n_seq: int, seq_len: int) -> tuple[Lesi
     return game, model
 
 
+def unit_layers(name: str, units: str) -> list[int]:
+    """The layer of each unit of benchmark model `name` matching the glob `units`, in player
+    order (the `groups` that `estimate` gives the adjusted estimator)."""
+    model, _, _ = load_tiny_moe(model_dir(name))
+    return [u.layer for u in select(model, units)]
+
+
 class CountingGame:
     """Wraps a game; counts the coalitions (rows) it is asked for and how many are distinct."""
 

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("msa_edit")
 
 # Mirrors of constants whose modules import torch (tests/test_cli.py checks that they agree).
-METHODS = ("auto", "exact", "permutation", "antithetic", "kernel")  # msa_edit.shapley.METHODS
+# msa_edit.shapley.METHODS:
+METHODS = ("auto", "exact", "permutation", "antithetic", "kernel", "adjusted")
 EXACT_MAX_PLAYERS = 20  # msa_edit.shapley.exact.EXACT_MAX_PLAYERS
 FAMILIES = ("mixtral", "olmoe")  # msa_edit.tiny_moe.FAMILIES
 DEFAULT_FAMILY = "mixtral"  # msa_edit.tiny_moe.DEFAULT_FAMILY

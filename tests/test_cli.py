@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_example_prints_estimate_against_exact(capsys) -> None:
     assert main(["example", "--players", "8", "--budget", "120"]) == 0
     out = capsys.readouterr().out
-    assert "kernel estimate of 8 hidden units with 120 of 256 coalitions" in out
+    assert "adjusted estimate of 8 hidden units with 120 of 256 coalitions" in out
     number = r"\s+(-?\d+\.\d+)"
     rows = re.findall(r"^\s+\d+" + number * 4 + "$", out, re.M)
     assert len(rows) == 8

@@ -268,6 +268,7 @@ def shapley_record(
         "stderr": encode(reduce(result.stderr)),
         "n_evaluations": result.n_evaluations,
         "method": result.method,
+        "surrogate": result.surrogate,
         "seed": result.seed,
         "budget": result.budget,
         "stopped": result.stopped,
@@ -486,11 +487,12 @@ def analyze(
     result = estimate(
         game, len(units), est.method, est.budget, est.seed, est.batch_size,
         tol=est.tol, topk=est.topk, checkpoint=checkpoint, checkpoint_every=est.checkpoint_every,
-        backend=backend, fingerprint=fingerprint,
+        backend=backend, fingerprint=fingerprint, groups=[u.layer for u in units],
     )  # fmt: skip
     now = checkpoint_size(checkpoint) - stored
     say(
-        f"analyze: {result.method}, {result.n_evaluations} coalitions "
+        f"analyze: {result.method}{f' ({result.surrogate})' if result.surrogate else ''}, "
+        f"{result.n_evaluations} coalitions "
         f"({now} evaluated now, {result.n_evaluations - now} from the checkpoint), "
         f"stopped: {result.stopped}"
     )

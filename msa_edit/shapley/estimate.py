@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
 
 from msa_edit.errors import MsaEditError
 from msa_edit.fingerprint import Value
+from msa_edit.shapley.adjusted import AdjustedSampler
 from msa_edit.shapley.cache import BatchPool, CoalitionCache, Game, GameSpec, as_rows, pack_keys
 from msa_edit.shapley.exact import CHUNK, EXACT_MAX_PLAYERS, accumulate_exact, all_coalitions
 from msa_edit.shapley.kernel import KernelSampler, min_pairs
@@ -17,7 +18,7 @@ from msa_edit.shapley.ray_backend import RayBackend, RayPool
 from msa_edit.shapley.result import ShapleyResult, TracePoint
 from msa_edit.shapley.sampling import PermutationSampler
 
-METHODS = ("auto", "exact", "permutation", "antithetic", "kernel")
+METHODS = ("auto", "exact", "permutation", "antithetic", "kernel", "adjusted")
 BACKENDS = ("local", "ray")
 AUTO_EXACT_MAX_PLAYERS = 10
 """`auto` without a budget enumerates exactly up to this many players (2^10 = 1024 coalitions)."""
@@ -60,6 +61,7 @@ def min_budget(method: str, n_players: int) -> int:
         "permutation": min(2 * n, 1 << n),
         "antithetic": min(4 * n - 2, 1 << n),
         "kernel": min(2 * n + 2 + 2 * min_pairs(n), 1 << n),
+        "adjusted": min(2 * n + 2 + 2 * min_pairs(n), 1 << n),
     }[method]
 
 
@@ -69,20 +71,21 @@ def default_budget(n_players: int) -> int:
 
 
 def resolve_method(method: str, n_players: int, budget: int | None) -> str:
-    """The estimator `auto` stands for: exact when 2^n fits the budget, else paired kernel
-    regression (least error per coalition in `evals/bench_estimators.py`), else plain permutations
-    when the budget is below what the kernel needs.
+    """The estimator `auto` stands for: exact when 2^n fits the budget, else regression-adjusted
+    Monte Carlo on the paired kernel's coalitions (it falls back to kernel regression when no
+    surrogate lowers the variance; least error per coalition in `evals/bench_estimators.py`),
+    else plain permutations when the budget is below what the kernel needs.
 
     >>> [resolve_method("auto", n, b) for n, b in [(8, None), (12, 500), (30, 61)]]
-    ['exact', 'kernel', 'permutation']
+    ['exact', 'adjusted', 'permutation']
     """
     if method != "auto":
         return method
     if budget is None:
-        return "exact" if n_players <= AUTO_EXACT_MAX_PLAYERS else "kernel"
+        return "exact" if n_players <= AUTO_EXACT_MAX_PLAYERS else "adjusted"
     if n_players <= EXACT_MAX_PLAYERS and budget >= 1 << n_players:
         return "exact"
-    return "kernel" if budget >= min_budget("kernel", n_players) else "permutation"
+    return "adjusted" if budget >= min_budget("adjusted", n_players) else "permutation"
 
 
 def check_request(n_players: int, method: str = "auto", budget: int | None = None) -> str:
@@ -135,6 +138,22 @@ def _check_args(
         raise MsaEditError(f"tol must be > 0, got {tol!r}")
     if topk is not None and not 1 <= topk <= n_players:
         raise MsaEditError(f"topk must be between 1 and n_players={n_players}, got {topk!r}")
+
+
+def _check_groups(groups: Sequence[int] | None, n_players: int) -> None:
+    if groups is None:
+        return
+    if (
+        isinstance(groups, (str, bytes))
+        or not isinstance(groups, Sequence)
+        or not all(isinstance(g, int) and not isinstance(g, bool) for g in groups)
+    ):
+        raise MsaEditError("groups must be a list of ints, one group label per player (its layer)")
+    if len(groups) != n_players:
+        raise MsaEditError(
+            f"groups has {len(groups)} labels but there are n_players={n_players}; "
+            "give one per player"
+        )
 
 
 def _check_budget(method: str, n_players: int, budget: int | None) -> None:
@@ -201,6 +220,7 @@ def estimate(
     backend: str | RayBackend = "local",
     workers: int | None = None,
     fingerprint: Mapping[str, Value] | None = None,
+    groups: Sequence[int] | None = None,
 ) -> ShapleyResult:
     """Shapley values of every player of `game`, shaped like the game's output (Shapley modes).
 
@@ -222,12 +242,18 @@ def estimate(
     `game` is used as it is and left open, so several runs share workers that loaded the model
     once. See `ray_backend`.
 
+    `groups` labels each player with its group (the runner passes each unit's layer): the
+    `adjusted` estimator (what `auto` runs between exact and permutations) fits surrogates with
+    interactions inside groups and between adjacent ones (`surrogate.ladder`); without it every
+    player is in one group. It changes no coalition, only how their values are combined.
+
     >>> glove = lambda c: torch.minimum(c[:, 0], c[:, 1:].sum(1)).double()
     >>> res = estimate(glove, 3, method="exact", progress=False)
     >>> [round(x, 4) for x in res.values.tolist()]
     [0.6667, 0.1667, 0.1667]
     """
     _check_args(game, n_players, method, budget, seed, batch_size, tol, topk)
+    _check_groups(groups, n_players)
     resolved = check_request(n_players, method, budget)
     adaptive = tol is not None or topk is not None
     if resolved != "exact" and budget is None and not adaptive:
@@ -251,6 +277,10 @@ def estimate(
             sampler: Sampler
             if resolved == "kernel":
                 sampler = KernelSampler(n_players, seed, budget or default_budget(n_players))
+            elif resolved == "adjusted":
+                sampler = AdjustedSampler(
+                    n_players, seed, budget or default_budget(n_players), groups or [0] * n_players
+                )
             else:
                 sampler = PermutationSampler(n_players, seed, antithetic=resolved == "antithetic")
             return _sampled(sampler, resolved, cache, n_players, seed, budget, tol, topk)
@@ -384,6 +414,7 @@ def _sampled(
         n_samples=sampler.n_samples,
         stopped=stopped,
         trace=tuple(trace),
+        surrogate=sampler.chosen if isinstance(sampler, AdjustedSampler) else "",
     )
 
 

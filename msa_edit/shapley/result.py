@@ -48,7 +48,9 @@ class ShapleyResult:
     `values[i]` has the game's output shape; `values.sum(0) == v_full - v_empty` (efficiency).
     `stderr` is zero for exact values and inf where a sampled estimate has fewer than 2 samples.
     `stopped` says why sampling ended: "exact", "budget", "tol", "topk" or "exhausted" (every
-    coalition was evaluated, so the values are exact).
+    coalition was evaluated, so the values are exact). `surrogate` is what the `adjusted` method
+    chose: a rung of `surrogate.ladder` ("counts", "within", "across") or "kernel" (plain kernel
+    regression had the least variance); empty for the other methods.
     """
 
     values: torch.Tensor
@@ -62,6 +64,7 @@ class ShapleyResult:
     n_samples: int
     stopped: str
     trace: tuple[TracePoint, ...] = field(default=(), repr=False)
+    surrogate: str = ""
 
     @property
     def n_players(self) -> int:
@@ -96,6 +99,7 @@ class ShapleyResult:
             "n_samples": self.n_samples,
             "stopped": self.stopped,
             "trace": [p.to_json() for p in self.trace],
+            "surrogate": self.surrogate,
         }
 
     @classmethod
@@ -112,6 +116,7 @@ class ShapleyResult:
             n_samples=obj["n_samples"],
             stopped=obj["stopped"],
             trace=tuple(TracePoint.from_json(p) for p in obj["trace"]),
+            surrogate=obj.get("surrogate", ""),
         )
 
 

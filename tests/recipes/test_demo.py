@@ -32,7 +32,8 @@ def test_demo_writes_the_whole_run_directory(
     assert "msa-edit demo: done" in capsys.readouterr().out
     shapley = json.loads((out / "shapley.json").read_text())
     assert len(shapley["units"]) == 32 and shapley["targets"] == list(LANGUAGES)
-    assert shapley["n_evaluations"] == 98 and shapley["method"] == "kernel"
+    assert shapley["n_evaluations"] == 98 and shapley["method"] == "adjusted"
+    assert shapley["surrogate"] == "kernel"  # 16 sampled pairs: too few to cross-fit a surrogate
     plan = json.loads((out / "plan.json").read_text())
     assert plan["action"] == "remove" and plan["target"] == ["zh"] and plan["units"]
     record = json.loads((out / "eval.json").read_text())

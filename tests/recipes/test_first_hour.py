@@ -186,5 +186,5 @@ def test_a_set_on_analyze_is_kept_by_the_later_stages(
 def test_dry_run_through_the_cli(tiny_mixtral: Path, tmp_path: Path, capsys) -> None:
     path = str(write(tmp_path / "r.yaml", recipe(tiny_mixtral)))
     assert main(["run", path, "--out", str(tmp_path / "out"), "--dry-run"]) == 0
-    assert "analysis (kernel): 28 coalitions x 4 rows" in capsys.readouterr().out
+    assert "analysis (adjusted): 28 coalitions x 4 rows" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()

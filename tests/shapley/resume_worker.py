@@ -14,7 +14,8 @@ from msa_edit.shapley import estimate
 from msa_edit.shapley.toys import mlp_game
 
 N = 12
-ARGS = {"method": "kernel", "budget": 600, "seed": 5, "batch_size": 8}
+ARGS = {"method": "adjusted", "budget": 600, "seed": 5, "batch_size": 8,
+        "groups": [i // 4 for i in range(N)]}  # fmt: skip
 
 
 def main() -> None:

@@ -102,7 +102,7 @@ def test_auto_never_reports_an_infinite_stderr(n: int) -> None:
     for budget in range(2 * n, least + 3):
         res = estimate(game, n, method="auto", budget=budget, progress=False)
         assert torch.isfinite(res.stderr).all(), (budget, res.method)
-        assert res.method == ("kernel" if budget >= least else "permutation")
+        assert res.method == ("adjusted" if budget >= least else "permutation")
     kernel = estimate(game, n, method="kernel", budget=least, progress=False)
     assert torch.isfinite(kernel.stderr).all()
     with pytest.raises(MsaEditError, match=f"needs at least {least} distinct coalitions"):

@@ -25,7 +25,7 @@ from msa_edit.units import select
 ray = pytest.importorskip("ray")
 
 N = 10
-ARGS = {"method": "kernel", "budget": 200, "seed": 3, "batch_size": 16, "progress": False}
+ARGS = {"method": "adjusted", "budget": 200, "seed": 3, "batch_size": 16, "progress": False}
 
 
 def toy_game() -> Game:

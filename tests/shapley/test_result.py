@@ -15,7 +15,8 @@ def test_shapley_result_json_round_trip() -> None:
     res = estimate(mlp_game(n_hidden=10, per_class=True), 10, budget=200, progress=False)
     back = ShapleyResult.from_json(json.loads(json.dumps(res.to_json(), allow_nan=False)))
     assert torch.equal(back.values, res.values) and torch.equal(back.stderr, res.stderr)
-    assert (back.n_evaluations, back.method, back.seed) == (res.n_evaluations, "kernel", 0)
+    assert (back.n_evaluations, back.method, back.seed) == (res.n_evaluations, "adjusted", 0)
+    assert back.surrogate == res.surrogate != ""
     assert len(back.trace) == len(res.trace)
     assert torch.equal(back.trace[-1].values, res.trace[-1].values)
 

@@ -8,7 +8,7 @@ import torch
 from msa_edit.shapley import estimate
 from msa_edit.shapley.toys import mlp_game
 
-SAMPLED = ["permutation", "antithetic", "kernel"]
+SAMPLED = ["permutation", "antithetic", "kernel", "adjusted"]
 N = 10
 
 
@@ -123,7 +123,7 @@ def test_stops_when_topk_ranking_is_stable() -> None:
 def test_auto_is_exact_when_the_budget_allows(game, truth) -> None:
     res = estimate(game, N, budget=1 << N, progress=False)
     assert res.method == "exact" and torch.allclose(res.values, truth, atol=1e-12)
-    assert estimate(game, N, budget=300, progress=False).method == "kernel"
+    assert estimate(game, N, budget=300, progress=False).method == "adjusted"
 
 
 def test_progress_bar_only_when_asked(game, capsys) -> None:

@@ -1,0 +1,164 @@
+"""Regression-adjusted Monte Carlo (Witter, Liu & Musco 2025): an exact surrogate plus an unbiased
+correction, on the paired kernel's coalitions.
+
+For a surrogate f with exact Shapley values (`surrogate.Basis`), phi(v) = phi(f) + phi(v - f). The
+residual's values are estimated without bias from the same coalitions the kernel estimator uses: on
+the enumerated sizes exactly, and on the sampled sizes by the stratified identity
+    phi_i(r) = sum_s E_{|S| = s}[ r(S) (1[i in S] / s - 1[i not in S] / (n - s)) ]
+with sizes drawn as the kernel draws them (probability p(s)) and weighted by 1 / p(s); a pair
+(S, N minus S) contributes both of its halves. The closer f is to v, the smaller the residual and
+its Monte Carlo error; a surrogate that follows a layer's collapse when most of its units are
+lesioned (`surrogate.ladder`) takes away what a linear fit leaves.
+
+Cross-fitting keeps it unbiased: the sampled pairs are dealt into `FOLDS` folds, each fold's pairs
+correct a surrogate fitted without them (on the enumerated coalitions and the other folds' pairs,
+every row weighted alike), so each pair's term is an unbiased estimate of phi and the standard error
+is their spread over the pairs. The estimator computes each rung of the ladder and the plain kernel
+regression on the same coalitions and returns the one with the smallest estimated variance
+(`AdjustedSampler.chosen`), so it costs no extra coalition and is never much worse than the kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from msa_edit.shapley.exact import shapley_weights
+from msa_edit.shapley.intervals import t_factor
+from msa_edit.shapley.kernel import KernelSampler, min_pairs
+from msa_edit.shapley.surrogate import Basis, ladder, rung_sizes
+
+FOLDS = 10
+"""Folds of the cross-fit: each surrogate is fitted on 9/10 of the sampled pairs."""
+MIN_PAIRS = 2 * FOLDS
+"""Sampled pairs before a surrogate is cross-fitted (two per fold; with one per fold, measured on
+the 12-player model games, coverage fell to 90-92 % for a 0-8 % lower error at 64 coalitions)."""
+MIN_ROWS_PER_FEATURE = 2
+"""A surrogate is fitted only when every fold has this many rows per coefficient."""
+RIDGE = 1e-9
+"""Ridge on the normal equations, relative to their mean diagonal (features may be collinear)."""
+
+
+class AdjustedSampler:
+    """The kernel's coalitions; estimates by the best of kernel regression and the adjusted
+    surrogates (`surrogate.ladder(groups)`), judged by their estimated variance."""
+
+    def __init__(self, n_players: int, seed: int, budget: int, groups: Sequence[int]) -> None:
+        self.n = n_players
+        self.kernel = KernelSampler(n_players, seed, budget)
+        self.groups = list(groups)
+        self.bases: list[Basis] = []
+        self._sizes = rung_sizes(self.groups)
+        self.chosen = "kernel"
+        self._pairs: list[torch.Tensor] = []  # [2, n] blocks: S and its complement
+        self._values: list[torch.Tensor] = []  # [2, D]
+
+    @property
+    def n_samples(self) -> int:
+        return self.kernel.n_samples
+
+    def fixed(self) -> torch.Tensor:
+        return self.kernel.fixed()
+
+    def set_fixed(self, values: torch.Tensor) -> None:
+        self.kernel.set_fixed(values)
+        self.fixed_values = values.double()
+        w_in, w_out = shapley_weights(self.n)
+        z = self.kernel.fixed()
+        sizes = z.sum(1)
+        inside = z.double()
+        self._fixed_weights = inside * w_in[sizes][:, None] - (1 - inside) * w_out[sizes][:, None]
+
+    def draw(self, count: int) -> list[torch.Tensor]:
+        return self.kernel.draw(count)
+
+    def add(self, blocks: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        self.kernel.add(blocks, values)
+        self._pairs += blocks
+        self._values += [v.double() for v in values]
+
+    def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values and standard errors `[n, D]` of the candidate with the least mean variance
+        (the first such in `candidates()` order on a tie)."""
+        found = self.candidates()
+        self.chosen = min(found, key=lambda name: _mean_variance(found[name][1]))
+        return found[self.chosen]
+
+    def candidates(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every estimate on the coalitions so far, by name: "kernel" (kernel regression), then
+        each rung of the ladder that the sampled pairs can fit (values, stderr `[n, D]`)."""
+        found = {"kernel": self.kernel.estimate()}
+        m = len(self._pairs)
+        if m < max(min_pairs(self.n), MIN_PAIRS) or self.kernel.probs is None:
+            return found
+        rows = len(self.kernel.fixed()) + 2 * m * (FOLDS - 1) // FOLDS
+        most = rows // MIN_ROWS_PER_FEATURE - 1
+        if sum(size <= most for size in self._sizes) > len(self.bases):
+            self.bases = ladder(self.groups, most)
+        pairs = torch.stack(self._pairs)  # [m, 2, n]
+        values = torch.stack(self._values)  # [m, 2, D]
+        for basis in self.bases:
+            found[basis.name] = self._adjusted(basis, pairs, values)
+        return found
+
+    def _adjusted(
+        self, basis: Basis, pairs: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-fitted regression-adjusted estimate with `basis` and its standard error."""
+        n, m = self.n, len(pairs)
+        z_fixed, y_fixed = self.kernel.fixed(), self.fixed_values
+        x_fixed = basis.design(z_fixed)
+        x_pairs = basis.design(pairs.reshape(2 * m, n)).reshape(m, 2, -1)
+        gram = x_fixed.T @ x_fixed + torch.einsum("mkp,mkq->pq", x_pairs, x_pairs)
+        moment = x_fixed.T @ y_fixed + torch.einsum("mkp,mkd->pd", x_pairs, values)
+        sizes = pairs[:, 0].sum(1)
+        prob = torch.zeros(n + 1, dtype=torch.float64)
+        prob[torch.from_numpy(self.kernel.open_sizes)] = torch.from_numpy(self.kernel.probs)
+        scale = 1.0 / (2.0 * prob[sizes])  # [m]
+        inside, outside = pairs[:, 0].double(), pairs[:, 1].double()
+        s = sizes.double()[:, None]
+        g_in = scale[:, None] * (inside / s - (1 - inside) / (n - s))  # [m, n] weight of r(S)
+        g_out = scale[:, None] * (outside / (n - s) - (1 - outside) / s)  # of r(N minus S)
+        fold = torch.arange(m) % FOLDS
+        bases, sums, squares, counts = [], [], [], []
+        for k in range(FOLDS):
+            held = fold == k
+            x_k, y_k = x_pairs[held], values[held]
+            coef = _solve(
+                gram - torch.einsum("mkp,mkq->pq", x_k, x_k),
+                moment - torch.einsum("mkp,mkd->pd", x_k, y_k),
+            )
+            base = basis.shapley @ coef + self._fixed_weights.T @ (y_fixed - x_fixed @ coef)
+            r = y_k - x_k @ coef  # [m_k, 2, D]
+            a, b = g_in[held], g_out[held]
+            sums.append(a.T @ r[:, 0] + b.T @ r[:, 1])
+            squares.append(
+                (a * a).T @ (r[:, 0] ** 2)
+                + (b * b).T @ (r[:, 1] ** 2)
+                + 2 * (a * b).T @ (r[:, 0] * r[:, 1])
+            )
+            bases.append(base)
+            counts.append(int(held.sum()))
+        phi = sum(c * base + u for c, base, u in zip(counts, bases, sums, strict=True)) / m
+        spread = sum(
+            c * (base - phi) ** 2 + 2 * (base - phi) * u + q
+            for c, base, u, q in zip(counts, bases, sums, squares, strict=True)
+        )
+        assert isinstance(phi, torch.Tensor) and isinstance(spread, torch.Tensor)
+        se = (spread.clamp_min(0) / (m - 1) / m).sqrt() * t_factor(m - 1)
+        return phi, se
+
+
+def _solve(gram: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:
+    """Least-squares coefficients from the normal equations, with a tiny ridge for collinearity."""
+    ridge = RIDGE * float(gram.diagonal().mean()) + 1e-300
+    eye = torch.eye(len(gram), dtype=gram.dtype)
+    factor, info = torch.linalg.cholesky_ex(gram + ridge * eye)
+    if int(info) == 0:
+        return torch.cholesky_solve(moment, factor)
+    return torch.linalg.lstsq(gram + ridge * eye, moment).solution
+
+
+def _mean_variance(se: torch.Tensor) -> float:
+    return float((se.double() ** 2).mean())
