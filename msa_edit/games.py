@@ -13,6 +13,7 @@ Each coalition's lesion is applied to its own copy of the target rows inside one
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from msa_edit.errors import MsaEditError
 from msa_edit.lesions import Lesion, LesionKind
+from msa_edit.prefix import IntactPrefix
 from msa_edit.units import Unit
 
 
@@ -198,7 +200,13 @@ class Custom:
 
 
 class LesionGame:
-    """The engine's game for `units` of `model` under `lesion`, valued by `objective`."""
+    """The engine's game for `units` of `model` under `lesion`, valued by `objective`.
+
+    With `prefix_reuse` (the default, when the intact layer outputs fit in
+    `prefix.MAX_BYTES`), each coalition's forward starts at its first lesioned layer, on the
+    intact model's output of the layer below (`msa_edit.prefix`); values agree with full forwards
+    to float rounding (within 1e-6 in fp32).
+    """
 
     def __init__(
         self,
@@ -211,6 +219,7 @@ class LesionGame:
         alpha: float = 0.0,
         means: Mapping[Unit, torch.Tensor] | None = None,
         max_rows: int = 64,
+        prefix_reuse: bool = True,
     ) -> None:
         if max_rows < 1:
             raise MsaEditError(f"max_rows must be >= 1, got {max_rows}")
@@ -221,23 +230,47 @@ class LesionGame:
         self.lesion = Lesion(model, self.units, lesion, alpha=alpha, means=means)
         self.max_rows = max_rows
         self.device = next(model.parameters()).device
+        prefix = IntactPrefix(model, targets.input_ids, max_rows)
+        self.prefix = prefix if prefix_reuse and prefix.fits() else None
+        self._layer_of = torch.tensor([u.layer for u in self.units])
 
     @property
     def n_players(self) -> int:
         return len(self.units)
 
+    def starts(self, coalitions: torch.Tensor) -> torch.Tensor:
+        """Each coalition's first lesioned layer `long [B]` (the layer count when it lesions
+        nothing; all zeros without prefix reuse): where its forward pass starts."""
+        if self.prefix is None:
+            return torch.zeros(coalitions.shape[0], dtype=torch.long)
+        layers = torch.where(coalitions.cpu(), self.prefix.n_layers, self._layer_of)
+        return layers.amin(1).clamp_max(self.prefix.n_layers)
+
     @torch.inference_mode()
     def __call__(self, coalitions: torch.Tensor) -> torch.Tensor:
         n_rows = self.targets.n_rows
         b = coalitions.shape[0]
-        stats: list[torch.Tensor] = []
+        starts = self.starts(coalitions)
+        if self.prefix is not None and bool((starts > 0).any()):
+            self.prefix.outputs()  # the intact pass, before any lesion hook is installed
+        per_row: torch.Tensor | None = None
         with self.lesion:
-            for start in range(0, b * n_rows, self.max_rows):
-                flat = torch.arange(start, min(start + self.max_rows, b * n_rows))
-                which, rows = flat // n_rows, flat % n_rows
-                self.lesion.set_coalitions(coalitions[which].cpu())
-                ids = self.targets.input_ids[rows].to(self.device)
-                logits = self.model(ids).logits
-                stats.append(self.objective.row_stats(logits, ids, rows).cpu())
-        per_row = torch.cat(stats).reshape(b, n_rows, *stats[0].shape[1:])
+            for start in sorted(set(starts.tolist())):
+                members = (starts == start).nonzero()[:, 0]
+                flat_all = (members[:, None] * n_rows + torch.arange(n_rows)).reshape(-1)
+                for chunk in flat_all.split(self.max_rows):
+                    which, rows = chunk // n_rows, chunk % n_rows
+                    self.lesion.set_coalitions(coalitions[which].cpu())
+                    ids = self.targets.input_ids[rows].to(self.device)
+                    with self._skip(start, rows):
+                        logits = self.model(ids, use_cache=False).logits
+                    stats = self.objective.row_stats(logits, ids, rows).cpu()
+                    if per_row is None:
+                        per_row = torch.empty(b * n_rows, *stats.shape[1:], dtype=stats.dtype)
+                    per_row[chunk] = stats
+        assert per_row is not None
+        per_row = per_row.reshape(b, n_rows, *per_row.shape[1:])
         return torch.stack([self.objective.reduce(s, self.targets) for s in per_row])
+
+    def _skip(self, start: int, rows: torch.Tensor) -> AbstractContextManager[None]:
+        return nullcontext() if self.prefix is None else self.prefix.skip_below(start, rows)

@@ -196,7 +196,9 @@ class Lesion:
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             x = args[0]
-            f = self._row_factors(site, x.shape[0])
+            n = x.shape[0]  # rows, or rows * seq tokens (a shared expert on flattened tokens)
+            rows = self.factors.shape[0]
+            f = self._row_factors(site, n) if rows in (1, n) else self._token_factors(site, n)
             if f is None:
                 return None
             per = x.shape[-1] // site.size
