@@ -471,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"\nTotal time: {total:.1f} s ({setup:.1f} s enumerating the model games)")
     payload = {
         "config": {
-            "games": {name: what for name, (_, _, what) in played.items()},
+            "games": {name: what for name, (_, _, what, _) in played.items()},
             "seeds": list(seeds),
             "budgets": list(budgets),
             "msapy_permutations": list(permutations),

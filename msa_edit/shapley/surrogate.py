@@ -15,7 +15,7 @@ with most of its units lesioned behaves unlike the sum of its units:
 
 `ladder(groups)` builds the nested bases the adjusted estimator chooses from.
 
->>> basis = ladder([0, 0, 0, 1, 1, 1])[0]
+>>> basis = ladder([0, 0, 0, 1, 1, 1])[1]
 >>> basis.name, basis.n_features
 ('counts', 10)
 """
@@ -107,11 +107,12 @@ def _basis(
     name: str,
     n: int,
     members: list[torch.Tensor],
+    counts: bool,
     product_sizes: Sequence[int],
     pairs: Sequence[tuple[int, int]],
 ) -> Basis:
     """The basis: singletons, the products of `product_sizes` players inside small groups, the
-    count features of every group and of the group pairs `pairs`."""
+    count features of every group (`counts`) and of the group pairs `pairs`."""
     products: list[torch.Tensor] = []
     for size in product_sizes:
         chosen = [s for g in members if len(g) <= MAX_PRODUCT_GROUP
@@ -120,7 +121,7 @@ def _basis(
             products.append(torch.tensor(chosen, dtype=torch.long))
     groups: list[tuple[int, int]] = []
     values: list[tuple[int, int]] = []
-    for g, players in enumerate(members):
+    for g, players in enumerate(members if counts else []):
         for a in range(len(players) - 1):  # a = w - 1, w: spanned by the constant and singletons
             groups.append((g, -1))
             values.append((a, 0))
@@ -150,18 +151,22 @@ def _basis(
 
 
 def _n_features(
-    members: list[torch.Tensor], product_sizes: Sequence[int], pairs: Sequence[tuple[int, int]]
+    members: list[torch.Tensor],
+    with_counts: bool,
+    product_sizes: Sequence[int],
+    pairs: Sequence[tuple[int, int]],
 ) -> int:
     n = sum(len(g) for g in members)
     products = sum(comb(len(g), k) for g in members if len(g) <= MAX_PRODUCT_GROUP
                    for k in product_sizes)  # fmt: skip
-    counts = sum(max(0, len(g) - 1) for g in members)
+    counts = sum(max(0, len(g) - 1) for g in members) if with_counts else 0
     across = sum(max(0, len(members[a]) - 1) * max(0, len(members[b]) - 1) for a, b in pairs)
     return n + products + counts + across
 
 
-Rung = tuple[str, tuple[int, ...], tuple[tuple[int, int], ...], int]
-"""A rung of the ladder: name, product sizes, group pairs with count features, feature count."""
+Rung = tuple[str, bool, tuple[int, ...], tuple[tuple[int, int], ...], int]
+"""A rung of the ladder: name, whether it has per-group counts, product sizes, group pairs with
+count features, feature count."""
 
 
 def _rungs(groups: Sequence[int]) -> tuple[list[torch.Tensor], list[Rung]]:
@@ -170,11 +175,12 @@ def _rungs(groups: Sequence[int]) -> tuple[list[torch.Tensor], list[Rung]]:
     members = [torch.tensor([i for i in range(n) if groups[i] == lab]) for lab in labels]
     adjacent = tuple((g, g + 1) for g in range(len(members) - 1))
     rungs: list[Rung] = []
-    for name, sizes, pairs in (("counts", (), ()), ("within", (2, 3), ()),
-                               ("across", (2, 3), adjacent)):  # fmt: skip
-        count = _n_features(members, sizes, pairs)
-        if not rungs or count > rungs[-1][3]:
-            rungs.append((name, sizes, pairs, count))
+    for name, counts, sizes, pairs in (("linear", False, (), ()), ("counts", True, (), ()),
+                                       ("within", True, (2, 3), ()),
+                                       ("across", True, (2, 3), adjacent)):  # fmt: skip
+        count = _n_features(members, counts, sizes, pairs)
+        if not rungs or count > rungs[-1][4]:
+            rungs.append((name, counts, sizes, pairs, count))
     return members, rungs
 
 
@@ -182,22 +188,22 @@ def rung_sizes(groups: Sequence[int]) -> list[int]:
     """Feature count of each rung of `ladder(groups)`, without building them.
 
     >>> rung_sizes([0, 0, 0, 1, 1, 1]), rung_sizes(list(range(4)))
-    ([10, 18, 22], [4])
+    ([6, 10, 18, 22], [4])
     """
-    return [r[3] for r in _rungs(groups)[1]]
+    return [r[4] for r in _rungs(groups)[1]]
 
 
 def ladder(groups: Sequence[int], max_features: int | None = None) -> list[Basis]:
     """The nested bases for players with group labels `groups` (e.g. each unit's layer):
-    `counts` (singletons and per-group count features), `within` (+ 2- and 3-player products
-    inside each group) and `across` (+ count features of adjacent groups, by label order). A rung
-    that adds no feature to the one below is left out, and so is every rung with more than
-    `max_features` features.
+    `linear` (singletons: the yardstick the others must beat), `counts` (+ per-group count
+    features), `within` (+ 2- and 3-player products inside each group) and `across` (+ count
+    features of adjacent groups, by label order). A rung that adds no feature to the one below
+    is left out, and so is every rung with more than `max_features` features.
 
     >>> [b.name for b in ladder([0, 0, 0, 1, 1, 1])], [b.name for b in ladder([0, 1, 2])]
-    (['counts', 'within', 'across'], ['counts'])
+    (['linear', 'counts', 'within', 'across'], ['linear'])
     """
     members, rungs = _rungs(groups)
-    return [_basis(name, len(groups), members, sizes, pairs)
-            for name, sizes, pairs, count in rungs
+    return [_basis(name, len(groups), members, counts, sizes, pairs)
+            for name, counts, sizes, pairs, count in rungs
             if max_features is None or count <= max_features]  # fmt: skip

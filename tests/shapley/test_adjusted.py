@@ -53,7 +53,7 @@ def test_each_surrogate_estimate_is_unbiased() -> None:
     n, groups = 12, [i // 4 for i in range(12)]
     exact, game = cross_group_game(n, seed=0)
     runs = [candidates(game, n, groups, 300, s) for s in range(60)]
-    for name in ("counts", "within", "across"):
+    for name in ("linear", "counts", "within", "across"):
         errors = torch.stack([r[name][0][:, 0] for r in runs]) - exact
         mean, se = errors.mean(0), errors.std(0) / len(runs) ** 0.5
         assert bool((se > 0).all()), name
@@ -66,7 +66,7 @@ def test_the_stderr_is_calibrated() -> None:
     n, groups = 12, [i // 4 for i in range(12)]
     exact, game = cross_group_game(n, seed=1)
     runs = [candidates(game, n, groups, 300, s) for s in range(40)]
-    for name in ("counts", "within", "across"):
+    for name in ("linear", "counts", "within", "across"):
         values = torch.stack([r[name][0][:, 0] for r in runs])
         stderr = torch.stack([r[name][1][:, 0] for r in runs])
         coverage = float(((values - exact).abs() <= 1.96 * stderr).double().mean())
