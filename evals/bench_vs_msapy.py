@@ -7,8 +7,8 @@ Two lesion games, both valued by the per-language mean next-token NLL (a Shapley
 * `dense-heads`: a dense 3-layer tiny transformer trained on the same text, its 12 heads.
 
 The reference is exact enumeration where it fits (12 heads: 4096 coalitions) and otherwise
-`estimate(method="kernel")` at a high budget (its largest stderr is printed: its error adds to
-every cell's RMSE alike). Then, over the same seeds, with the same game object and torch threads:
+`estimate(method="adjusted")` at a high budget, seed 0, which no cell uses (its largest stderr is
+printed: its error adds to every cell's RMSE alike). Then, over the same seeds, with the same game object and torch threads:
 
 * msapy 1.7.3 `msa.interface` (lazy, serial: one coalition per call) with P permutations;
 * `estimate(method="auto", budget=b, batch_size=8)`;
@@ -104,8 +104,9 @@ def reference(spec: GameSpec, game: LesionGame) -> tuple[np.ndarray, float, floa
         res = estimate(table, game.n_players, method="exact", progress=False)
     else:
         res = estimate(
-            game, game.n_players, "kernel", spec.reference_budget, 0, BATCH, progress=True
-        )
+            game, game.n_players, "adjusted", spec.reference_budget, 0, BATCH, progress=True,
+            groups=[u.layer for u in game.units],
+        )  # fmt: skip
     return res.values.numpy(), float(res.stderr.max()), time.perf_counter() - start
 
 

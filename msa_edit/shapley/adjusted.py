@@ -38,6 +38,8 @@ MIN_PAIRS = 2 * FOLDS
 the 12-player model games, coverage fell to 90-92 % for a 0-8 % lower error at 64 coalitions)."""
 MIN_ROWS_PER_FEATURE = 2
 """A surrogate is fitted only when every fold has this many rows per coefficient."""
+MARGIN = 0.1
+"""A surrogate is chosen only when its mean variance is this much below the `linear` rung's."""
 RIDGE = 1e-9
 """Ridge on the normal equations, relative to their mean diagonal (features may be collinear)."""
 
@@ -81,15 +83,19 @@ class AdjustedSampler:
         self._values += [v.double() for v in values]
 
     def estimate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Values and standard errors `[n, D]`: the surrogate rung with the least mean variance,
-        or the kernel's when that is the `linear` rung (or none was fitted). The kernel's own
+        """Values and standard errors `[n, D]`: the surrogate rung with the least mean variance
+        if it is `MARGIN` below the `linear` rung's, else the kernel's (also when none was
+        fitted). The kernel's own
         stderr is not compared: it is a jackknife, which runs conservative where pairs have
         high leverage, while the rungs' variances are measured alike; and the kernel is a
         linear fit too, on par with the `linear` rung or a little better (measured)."""
         found = self.candidates()
-        rungs = [name for name in found if name != "kernel"]
-        best = min(rungs, key=lambda name: _mean_variance(found[name][1]), default="linear")
-        self.chosen = "kernel" if best == "linear" else best
+        variance = {name: _mean_variance(se) for name, (_, se) in found.items()}
+        best = min((name for name in found if name != "kernel"), key=variance.__getitem__,
+                   default="kernel")  # fmt: skip
+        rounding = 1e-12 * (1.0 + float(found["kernel"][0].double().pow(2).mean()))  # the ridge
+        wins = best != "kernel" and variance[best] + rounding < (1 - MARGIN) * variance["linear"]
+        self.chosen = best if wins else "kernel"
         return found[self.chosen]
 
     def candidates(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -107,3 +107,13 @@ def test_bad_groups_are_refused(groups: object, message: str) -> None:
     game, _ = layered_game(n_layers=1, width=3)
     with pytest.raises(MsaEditError, match=message):
         estimate(game, 3, "adjusted", 8, groups=groups, progress=False)  # type: ignore[arg-type]
+
+
+def test_an_additive_game_gets_the_kernel_values() -> None:
+    """Every rung fits an additive game exactly, so none beats the `linear` yardstick and the
+    kernel's values (exact here) are returned."""
+    weights = torch.linspace(-1.0, 2.0, 12, dtype=torch.float64)
+    res = estimate(lambda c: c.double() @ weights, 12, "adjusted", 400, 0,
+                   groups=[i // 4 for i in range(12)], progress=False)  # fmt: skip
+    assert res.surrogate == "kernel"
+    assert torch.allclose(res.values, weights, atol=1e-9)
