@@ -8,7 +8,8 @@ Two lesion games, both valued by the per-language mean next-token NLL (a Shapley
 
 The reference is exact enumeration where it fits (12 heads: 4096 coalitions) and otherwise
 `estimate(method="adjusted")` at a high budget, seed 0, which no cell uses (its largest stderr is
-printed: its error adds to every cell's RMSE alike). Then, over the same seeds, with the same game object and torch threads:
+printed: its error adds to every cell's RMSE alike). Then, over the same seeds, with the same
+game object and torch threads:
 
 * msapy 1.7.3 `msa.interface` (lazy, serial: one coalition per call) with P permutations;
 * `estimate(method="auto", budget=b, batch_size=8)`;
