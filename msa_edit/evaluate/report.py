@@ -274,7 +274,9 @@ def _summary(
         f"Shapley-value Analysis of {len(sh.units)} units"
         + (f" ({counts})" if counts else "")
         + f" on {len(sh.targets)} target(s) ({_list(sh.targets)}) with the "
-        f"{_meta(meta, 'method', code=True)} estimator: "
+        f"{_meta(meta, 'method', code=True)} estimator"
+        + (f" (surrogate {md_text(meta['surrogate'], code=True)})" if meta.get("surrogate") else "")
+        + ": "
         f"{_meta(meta, 'n_evaluations')} coalitions evaluated"
         + (f" of a budget of {md_text(budget)}" if budget is not None else "")
         + f", stopped by {_meta(meta, 'stopped')}"

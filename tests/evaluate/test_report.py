@@ -150,6 +150,16 @@ def test_chosen_units_appear(full_run: tuple[Path, str]) -> None:
     assert "remove 2 of 8 units" in text
 
 
+def test_the_estimator_and_its_surrogate_are_named(tmp_path: Path) -> None:
+    run = _make_run(tmp_path, plan=False, eval_=False, edit=False, recipe=False)
+    record = json.loads((run / "shapley.json").read_text())
+    assert "with the `kernel` estimator: 192 coalitions" in write_report(run).read_text()
+    record |= {"method": "adjusted", "surrogate": "within"}
+    (run / "shapley.json").write_text(json.dumps(record))
+    text = write_report(run).read_text()
+    assert "with the `adjusted` estimator (surrogate `within`): 192 coalitions" in text
+
+
 def test_missing_plan_and_eval_still_writes_report(tmp_path: Path) -> None:
     run = _make_run(tmp_path, plan=False, eval_=False, edit=False, recipe=False)
     text = write_report(run, title="bare").read_text()
