@@ -15,11 +15,15 @@ from msa_edit.shapley.toys import layered_game
 SEEDS = 20
 
 
-@pytest.mark.parametrize(("method", "multiple"), [("kernel", 2), ("kernel", 5), ("permutation", 5)])
+@pytest.mark.parametrize(
+    ("method", "multiple"),
+    [("kernel", 2), ("kernel", 5), ("permutation", 5), ("adjusted", 2), ("adjusted", 5)],
+)
 def test_intervals_cover_the_exact_values(method: str, multiple: int) -> None:
     game, exact = layered_game(n_layers=6, width=10)
     budget = min_budget(method, 60) * multiple
-    runs = [estimate(game, 60, method=method, budget=budget, seed=s, progress=False)
+    groups = [i // 10 for i in range(60)]
+    runs = [estimate(game, 60, method, budget, s, groups=groups, progress=False)
             for s in range(1, SEEDS + 1)]  # fmt: skip
     values = torch.stack([r.values.double() for r in runs])
     stderr = torch.stack([r.stderr.double() for r in runs])
