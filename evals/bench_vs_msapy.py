@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, res in results.items():
         ref = res["reference"]
         how = "exact" if res["game"]["reference_budget"] is None else (
-            f"kernel @ {res['game']['reference_budget']}"
+            f"adjusted @ {res['game']['reference_budget']}"
         )  # fmt: skip
         print(f"\n## {name}: {res['players']} players, {res['rows']} rows x {SEQ_LEN} tokens, "
               f"reference {how} (max stderr {ref['max_stderr']:.4f}, "
