@@ -41,13 +41,13 @@ class IntactPrefix:
         return len(self.layers)
 
     def fits(self) -> bool:
-        """Whether the kept outputs stay within `MAX_BYTES` (hidden size from the config)."""
+        """Whether the kept outputs stay within `MAX_BYTES` (hidden size from the config, 4 bytes
+        a number: 4-bit weights still compute in fp16 or fp32)."""
         config = getattr(self.model, "config", None)
         hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
         if not isinstance(hidden, int):
             return False
-        param = next(self.model.parameters())
-        per_layer = self.input_ids.numel() * hidden * param.element_size()
+        per_layer = self.input_ids.numel() * hidden * 4  # at most fp32 activations
         return self.n_layers * per_layer <= MAX_BYTES
 
     def outputs(self) -> list[torch.Tensor]:
