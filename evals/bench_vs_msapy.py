@@ -13,6 +13,9 @@ game object and torch threads:
 
 * msapy 1.7.3 `msa.interface` (lazy, serial: one coalition per call) with P permutations;
 * `estimate(method="auto", budget=b, batch_size=8)`;
+* `auto` on the same game with row sampling (`LesionGame(rows_per_set=1)`: each coalition on
+  one of the two blocks per language, the other from the intact model; values of the same
+  all-row game, so the same reference), at its own budgets;
 * where shapiq is installed (`pip install -e '.[bench]'`), shapiq's paired KernelSHAP — the best
   shapiq approximator in `bench_estimators.py` — at the same budgets (it hands the game all its
   coalitions in one call; a vector game is run once per output, the later outputs read a cache);
@@ -62,26 +65,51 @@ class GameSpec:
     budgets: tuple[int, ...]
     reference_budget: int | None
     """None: exact enumeration."""
+    row_budgets: tuple[int, ...] = ()
+    """Budgets of `auto` on the row-sampled game (`ROWS_PER_SET`)."""
 
 
 MOE_BUDGETS = (66, 96, 128, 192, 256, 384, 512, 1024)
+MOE_ROW_BUDGETS = (128, 192, 256, 384, 512, 1024)
 DENSE = GameSpec(
-    "dense-heads", "dense", "layers.*.heads.*", (10, 25, 50, 100), (26, 40, 64, 128, 256, 512), None
-)
+    "dense-heads", "dense", "layers.*.heads.*", (10, 25, 50, 100), (26, 40, 64, 128, 256, 512),
+    None, (64, 128, 256, 512),
+)  # fmt: skip
 FULL = (
-    GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25, 50), MOE_BUDGETS, 4096),
+    GameSpec(
+        "moe-experts", "moe", "layers.*.experts.*", (10, 25, 50), MOE_BUDGETS, 4096, MOE_ROW_BUDGETS
+    ),
     DENSE,
 )
 THOROUGH = (
-    GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25, 50, 100), MOE_BUDGETS, 8192),
+    GameSpec(
+        "moe-experts",
+        "moe",
+        "layers.*.experts.*",
+        (10, 25, 50, 100),
+        MOE_BUDGETS,
+        8192,
+        MOE_ROW_BUDGETS,
+    ),
     DENSE,
 )
 QUICK = (
     GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25), (66, 128, 256), 1024),
     GameSpec("dense-heads", "dense", "layers.*.heads.*", (10, 25), (26, 64, 128), None),
 )
-N_SEQ, SEQ_LEN = 2, 32
+BLOCKS8 = (
+    GameSpec("moe-experts", "moe", "layers.*.experts.*", (10, 25), (256, 512, 1024), 4096,
+             (512, 1024, 2048, 4096)),
+    GameSpec("dense-heads", "dense", "layers.*.heads.*", (10, 25, 50), (64, 128, 256), None,
+             (128, 256, 512, 1024)),
+)  # fmt: skip
+"""`--blocks 8`: 8 blocks per language (48 rows), closer to a recipe's 24 per set."""
+SEQ_LEN = 32
+N_SEQ = 2
+"""Blocks per language (`--blocks` changes it)."""
 BATCH = 8
+ROWS_PER_SET = 1
+"""Blocks per language per coalition in the row-sampled cells (of N_SEQ)."""
 GOAL = 10.0
 
 
@@ -101,7 +129,8 @@ def reference(spec: GameSpec, game: LesionGame) -> tuple[np.ndarray, float, floa
     """Reference values, the largest stderr and the seconds it took."""
     start = time.perf_counter()
     if spec.reference_budget is None:  # exact, from the (cached) table of all coalitions
-        table = language_table(spec.model, spec.units, N_SEQ, SEQ_LEN)
+        n_seq = game.targets.n_rows // len(game.targets.names)
+        table = language_table(spec.model, spec.units, n_seq, SEQ_LEN)
         res = estimate(table, game.n_players, method="exact", progress=False)
     else:
         res = estimate(
@@ -111,21 +140,32 @@ def reference(spec: GameSpec, game: LesionGame) -> tuple[np.ndarray, float, floa
     return res.values.numpy(), float(res.stderr.max()), time.perf_counter() - start
 
 
-def ours(game: LesionGame, ref: np.ndarray, budget: int, seeds: range) -> Cell:
+def ours(
+    game: LesionGame, ref: np.ndarray, budget: int, seeds: range, rows_per_set: int | None = None
+) -> Cell:
+    """`auto` at `budget` over the seeds; with `rows_per_set`, on the same game valued from that
+    many blocks per language per coalition (`LesionGame(rows_per_set=, row_seed=seed)`)."""
     runs = []
     for seed in seeds:
+        played = game if rows_per_set is None else sampled_rows(game, rows_per_set, seed)
         start = time.perf_counter()
-        res = estimate(game, game.n_players, "auto", budget, seed, BATCH, progress=False,
+        res = estimate(played, game.n_players, "auto", budget, seed, BATCH, progress=False,
                        groups=[u.layer for u in game.units])  # fmt: skip
         runs.append((time.perf_counter() - start, res.n_evaluations, res.values.numpy()))
     return Cell(
-        estimator="auto",
+        estimator="auto" if rows_per_set is None else f"auto, {rows_per_set} row per set",
         size=budget,
         seconds=float(np.mean([r[0] for r in runs])),
         distinct=float(np.mean([r[1] for r in runs])),
         calls=float(np.mean([r[1] for r in runs])),
         rmse=rmse(np.stack([r[2] for r in runs]), ref[None]),
     )
+
+
+def sampled_rows(game: LesionGame, rows_per_set: int, seed: int) -> LesionGame:
+    """The same game (model, units, targets, lesion) with row sampling."""
+    return LesionGame(game.model, game.units, game.targets, game.objective, game.lesion.kind,
+                      max_rows=game.max_rows, rows_per_set=rows_per_set, row_seed=seed)  # fmt: skip
 
 
 def theirs(game: LesionGame, ref: np.ndarray, n_permutations: int, seeds: range) -> Cell:
@@ -179,11 +219,12 @@ def equal_accuracy(
     return out
 
 
-def bench(spec: GameSpec, seeds: range) -> dict[str, Any]:
-    game, _ = language_game(spec.model, spec.units, N_SEQ, SEQ_LEN)
+def bench(spec: GameSpec, seeds: range, n_seq: int) -> dict[str, Any]:
+    game, _ = language_game(spec.model, spec.units, n_seq, SEQ_LEN)
     ref, ref_se, ref_seconds = reference(spec, game)
     msapy_cells = [theirs(game, ref, p, seeds) for p in spec.permutations]
     auto_cells = [ours(game, ref, b, seeds) for b in spec.budgets]
+    row_cells = [ours(game, ref, b, seeds, ROWS_PER_SET) for b in spec.row_budgets]
     peer_cells = [peer(game, ref, b, seeds) for b in spec.budgets] if shapiq_available() else []
     return {
         "game": asdict(spec),
@@ -193,6 +234,8 @@ def bench(spec: GameSpec, seeds: range) -> dict[str, Any]:
         "msapy": [asdict(c) for c in msapy_cells],
         "auto": [asdict(c) for c in auto_cells],
         "equal_accuracy": equal_accuracy(msapy_cells, auto_cells),
+        "auto_rows": [asdict(c) for c in row_cells],
+        "equal_accuracy_rows": equal_accuracy(msapy_cells, row_cells),
         "shapiq": [asdict(c) for c in peer_cells],
         "vs_shapiq": equal_accuracy(peer_cells, auto_cells, "shapiq"),
     }
@@ -209,6 +252,11 @@ def cells_table(result: dict[str, Any]) -> str:
     for c in result["auto"]:
         rows.append(
             [f"auto, budget {c['size']}", f"{c['calls']:.0f}", f"{c['distinct']:.0f}",
+             f"{c['rmse']:.4f}", "", f"{c['seconds']:.2f}"]
+        )  # fmt: skip
+    for c in result["auto_rows"]:
+        rows.append(
+            [f"{c['estimator']}, budget {c['size']}", f"{c['calls']:.0f}", f"{c['distinct']:.0f}",
              f"{c['rmse']:.4f}", "", f"{c['seconds']:.2f}"]
         )  # fmt: skip
     for c in result["shapiq"]:
@@ -247,13 +295,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--thorough", action="store_true", help="3 seeds, msapy at 100 permutations (~18 min)"
     )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2)")
+    parser.add_argument("--blocks", type=int, choices=(2, 8), default=N_SEQ,
+                        help="blocks per language: 8 runs the BLOCKS8 cells (~25 min)")  # fmt: skip
     args = parser.parse_args(argv)
     default_seeds = 1 if args.quick else 3 if args.thorough else 2
     seeds = range(1, (args.seeds or default_seeds) + 1)  # msapy: seed 0 = unseeded
     torch.set_num_threads(1)  # tiny models: extra threads only add synchronisation
     specs = QUICK if args.quick else THOROUGH if args.thorough else FULL
+    if args.blocks == 8:
+        specs = BLOCKS8
     start = time.perf_counter()
-    results = {spec.name: bench(spec, seeds) for spec in specs}
+    results = {spec.name: bench(spec, seeds, args.blocks) for spec in specs}
     total = time.perf_counter() - start
     for name, res in results.items():
         ref = res["reference"]
@@ -265,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               f"{ref['seconds']:.0f} s)\n")  # fmt: skip
         print(cells_table(res) + "\n")
         print(ratio_table(res))
+        if res["auto_rows"]:
+            print(f"\nwith row sampling ({ROWS_PER_SET} block per language per coalition):\n")
+            print(ratio_table(res, "equal_accuracy_rows"))
         if res["shapiq"]:
             print("\n" + ratio_table(res, "vs_shapiq", "shapiq KernelSHAP"))
     best = [
@@ -275,6 +330,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     print(f"\nwall-time ratio at equal accuracy: {min(best):.1f}x to {max(best):.1f}x "
           f"(goal >= {GOAL:.0f}x); total {total:.0f} s, seeds {list(seeds)}")  # fmt: skip
+    with_rows = [
+        max(a["wall_ratio"] or 0.0, b["wall_ratio"] or 0.0)
+        for r in results.values()
+        for a, b in zip(r["equal_accuracy"], r["equal_accuracy_rows"], strict=True)
+    ]
+    print(f"with row sampling where it is faster: {min(with_rows):.1f}x to {max(with_rows):.1f}x")
     vs_peer = [h["wall_ratio"] for r in results.values() for h in r["vs_shapiq"]
                if h["wall_ratio"] is not None]  # fmt: skip
     if vs_peer:
@@ -285,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "quick": args.quick,
             "thorough": args.thorough,
             "seeds": list(seeds),
-            "n_seq_per_language": N_SEQ,
+            "n_seq_per_language": args.blocks,
             "seq_len": SEQ_LEN,
             "batch_size": BATCH,
             "torch_threads": torch.get_num_threads(),
@@ -297,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "total_seconds": total,
     }
     name = "bench_vs_msapy_thorough" if args.thorough else "bench_vs_msapy"
+    name += "_blocks8" if args.blocks == 8 else ""
     save_results(name, args.quick, payload)
     return payload
 

@@ -64,6 +64,7 @@ from msa_edit.recipes.removal import check_feasible, choose_removals
 from msa_edit.recipes.schema import EstimatorStage, ModelStage, Recipe, load_recipe
 from msa_edit.recipes.screening import read_screen, screened, write_screen
 from msa_edit.routing import routing_stats
+from msa_edit.rows import EXACT_ENDS
 from msa_edit.rundir import (
     CHECKPOINT,
     EDIT_JSON,
@@ -319,16 +320,26 @@ def lesion_game(
     units: list[Unit],
     targets: Targets,
     objective: Objective | None = None,
+    *,
+    analysis: bool = False,
 ) -> LesionGame:
     """The recipe's lesion game on `model`: its units, targets, objective and lesion (a removal
-    search passes `RowNLL()`: one loss per calibration block)."""
+    search passes `RowNLL()`: one loss per calibration block). The Shapley analysis's game
+    (`analysis`) samples rows when the estimator says `rows_per_set`; every other game sees
+    every row."""
     objective = recipe_objective(recipe) if objective is None else objective
-    lesion = recipe.lesion
+    lesion, est = recipe.lesion, _estimator(recipe)
     means = unit_means(model, units, targets.input_ids) if LESIONS[lesion.kind].uses_means else None
     return LesionGame(
         model, units, targets, objective, lesion.kind,  # type: ignore[arg-type]
-        alpha=lesion.alpha, means=means, max_rows=_estimator(recipe).rows_per_forward,
+        alpha=lesion.alpha, means=means, max_rows=est.rows_per_forward,
+        rows_per_set=est.rows_per_set if analysis else None, row_seed=est.seed,
     )  # fmt: skip
+
+
+def _exact_ends(recipe: Recipe) -> int | None:
+    """The analysis game's `exact_ends`: set when it samples rows."""
+    return None if _estimator(recipe).rows_per_set is None else EXACT_ENDS
 
 
 def _estimator(recipe: Recipe) -> EstimatorStage:
@@ -356,8 +367,17 @@ class RecipeGame:
         names = list(self.units or self.recipe.units)
         units = select(loaded.model, names)
         return lesion_game(
-            self.recipe, loaded.model, units, load_targets(self.recipe, loaded.tokenizer)
+            self.recipe,
+            loaded.model,
+            units,
+            load_targets(self.recipe, loaded.tokenizer),
+            analysis=True,
         )
+
+    @property
+    def exact_ends(self) -> int | None:
+        """The built game's `exact_ends` (`estimate` reads it before any worker builds it)."""
+        return _exact_ends(self.recipe)
 
 
 def game_fingerprint(
@@ -387,6 +407,9 @@ def game_fingerprint(
     fingerprint["objective"] = objective
     fingerprint |= flatten(recipe.lesion.model_dump(mode="json"), "setting.lesion")
     fingerprint["setting.rows_per_forward"] = _estimator(recipe).rows_per_forward
+    if _estimator(recipe).rows_per_set is not None:  # (absent: checkpoints made before it)
+        fingerprint["setting.rows_per_set"] = _estimator(recipe).rows_per_set
+        fingerprint["setting.row_seed"] = _estimator(recipe).seed
     fingerprint["version.torch"] = torch.__version__
     fingerprint["version.transformers"] = transformers.__version__
     return fingerprint
@@ -468,13 +491,15 @@ def analyze(
     targets = load_targets(recipe, loaded.tokenizer)
     units, screen = screened_units(recipe, loaded, targets, out, say)
     est = recipe.estimator
-    check_request(len(units), est.method, est.budget)
+    check_request(len(units), est.method, est.budget, _exact_ends(recipe))
     fingerprint = game_fingerprint(recipe, loaded, units, recipe.targets.objective)
     checkpoint = _checkpoint(recipe, out)
     _check_checkpoint(checkpoint, len(units), fingerprint)
     prepare(recipe, out)
     write_screen(out, screen)
-    say(f"analyze: {len(units)} units x {len(targets.names)} target sets ({targets.n_rows} rows)")
+    sampled = "" if est.rows_per_set is None else f"; {est.rows_per_set} per set per coalition"
+    say(f"analyze: {len(units)} units x {len(targets.names)} target sets "
+        f"({targets.n_rows} rows{sampled})")  # fmt: skip
     game: LesionGame | RecipeGame
     backend: RayBackend | str
     if est.backend == "ray":
@@ -482,7 +507,7 @@ def analyze(
         game, backend = RecipeGame(recipe, loaded.folder, names), est.ray_backend()
         say(f"analyze: on Ray, each worker loads {loaded.folder}")
     else:
-        game, backend = lesion_game(recipe, loaded.model, units, targets), "local"
+        game, backend = lesion_game(recipe, loaded.model, units, targets, analysis=True), "local"
     stored = checkpoint_size(checkpoint)
     result = estimate(
         game, len(units), est.method, est.budget, est.seed, est.batch_size,
@@ -982,7 +1007,8 @@ def run(recipe: Recipe, out: Path, say: Say = say_line, loaded: Loaded | None = 
         check_feasible(recipe.plan, units, sizes, recipe.estimator is not None)
         check_editable(recipe, loaded.model, units)
     if recipe.estimator is not None:  # a budget too small or a stale checkpoint: refused now
-        check_request(len(units), recipe.estimator.method, recipe.estimator.budget)
+        check_request(len(units), recipe.estimator.method, recipe.estimator.budget,
+                      _exact_ends(recipe))  # fmt: skip
         fingerprint = game_fingerprint(recipe, loaded, units, recipe.targets.objective)
         _check_checkpoint(_checkpoint(recipe, out), len(units), fingerprint)
     texts = eval_texts(recipe, loaded.folder) if recipe.plan is not None else {}
@@ -1086,7 +1112,7 @@ def dry_run(recipe: Recipe, say: Say = say_line) -> str:
         f"{targets.input_ids.shape[1]} tokens",
     ]
 
-    def cost(what: str, coalitions: int) -> str:
+    def cost(what: str, coalitions: int, rows: int = rows) -> str:
         forwards = math.ceil(coalitions * rows / est.rows_per_forward)
         return (
             f"{what}: {coalitions:,} coalitions x {rows} rows = {forwards:,} forward passes of "
@@ -1095,9 +1121,16 @@ def dry_run(recipe: Recipe, say: Say = say_line) -> str:
         )
 
     if recipe.estimator is not None:
-        method = check_request(len(units), est.method, est.budget)
+        method = check_request(len(units), est.method, est.budget, _exact_ends(recipe))
         n = (1 << len(units)) if method == "exact" else est.budget or default_budget(len(units))
-        lines.append(cost(f"analysis ({method})", n))
+        sampled = (
+            rows
+            if est.rows_per_set is None
+            else min(  # (the ends use every row)
+                rows, sum(min(est.rows_per_set, int(c)) for c in torch.bincount(targets.group))
+            )
+        )
+        lines.append(cost(f"analysis ({method})", n, sampled))
     stage = recipe.plan
     if stage is not None and stage.method in ("loo", "search"):
         lines.append(cost(f"plan ({stage.method})", stage.coalitions or len(units) + 2))

@@ -367,6 +367,9 @@ class EstimatorStage(_Stage):
 
     `backend: ray` spreads the coalitions over Ray workers, each loading the model itself;
     `workers`, `cpus_per_worker` and `gpus_per_worker` are `RayBackend`'s fields.
+    `rows_per_set: k` values each coalition on k blocks of each target set, the others filled in
+    from the intact model (`msa_edit.rows`; objective mean_nll only): more coalitions for the
+    same compute, each noisier. Off by default; where it pays: `evals/bench_rows.py`.
     """
 
     method: str = "auto"
@@ -374,6 +377,7 @@ class EstimatorStage(_Stage):
     seed: NonNegInt = 0
     batch_size: PosInt = 64
     rows_per_forward: PosInt = 64
+    rows_per_set: PosInt | None = None
     tol: PosFinite | None = None
     topk: PosInt | None = None
     checkpoint: str | None = None
@@ -640,6 +644,16 @@ class Recipe(_Stage):
                     )
         if self.screen is not None:
             self._check_screen(self.screen)
+        est = self.estimator
+        if est is not None and est.rows_per_set is not None:
+            if self.targets.objective != "mean_nll":
+                raise _At(("estimator", "rows_per_set"),
+                          "samples rows of objective mean_nll only (objective is "
+                          f"{self.targets.objective}); remove rows_per_set")  # fmt: skip
+            if est.method not in ("auto", "adjusted"):
+                raise _At(("estimator", "rows_per_set"),
+                          f"method {est.method} does not count the rows' noise; use method auto "
+                          "or adjusted, or remove rows_per_set")  # fmt: skip
         if self.plan is not None:
             for key in ("target", "retain"):
                 for i, name in enumerate(getattr(self.plan, key) or ()):

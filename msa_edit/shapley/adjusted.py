@@ -51,9 +51,17 @@ class AdjustedSampler:
     """The kernel's coalitions; estimates by the best of kernel regression and the adjusted
     surrogates (`surrogate.ladder(groups)`), judged by their estimated variance."""
 
-    def __init__(self, n_players: int, seed: int, budget: int, groups: Sequence[int]) -> None:
+    def __init__(
+        self,
+        n_players: int,
+        seed: int,
+        budget: int,
+        groups: Sequence[int],
+        exact_ends: int | None = None,
+    ) -> None:
         self.n = n_players
-        self.kernel = KernelSampler(n_players, seed, budget)
+        self.kernel = KernelSampler(n_players, seed, budget, exact_ends)
+        self.noisy = exact_ends is not None
         self.groups = list(groups)
         self.bases: list[Basis] = []
         self._sizes = rung_sizes(self.groups)
@@ -91,14 +99,16 @@ class AdjustedSampler:
         fitted). The kernel's own stderr is not compared: it is a jackknife, which runs
         conservative where pairs have high leverage, while the rungs' variances are measured
         alike; and the kernel is a linear fit too, on par with the `linear` rung or a little
-        better (measured)."""
+        better (measured). For a noisy game the fallback is the `linear` rung: the kernel's
+        jackknife takes a pair drawn twice for two independent ones, and their noise is shared."""
         found = self.candidates()
         variance = {name: _mean_variance(se) for name, (_, se) in found.items()}
         best = min((name for name in found if name != "kernel"), key=variance.__getitem__,
                    default="kernel")  # fmt: skip
         rounding = 1e-12 * (1.0 + float(found["kernel"][0].double().pow(2).mean()))  # the ridge
         wins = best != "kernel" and variance[best] + rounding < (1 - MARGIN) * variance["linear"]
-        self.chosen = best if wins else "kernel"
+        fallback = "linear" if self.noisy and "linear" in found else "kernel"
+        self.chosen = best if wins else fallback
         return found[self.chosen]
 
     def candidates(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -137,8 +147,8 @@ class AdjustedSampler:
         s = sizes.double()[:, None]
         g_in = scale[:, None] * (inside / s - (1 - inside) / (n - s))  # [m, n] weight of r(S)
         g_out = scale[:, None] * (outside / (n - s) - (1 - outside) / s)  # of r(N minus S)
-        fold = torch.arange(m) % FOLDS
-        bases, sums, squares, counts = [], [], [], []
+        fold, weight = _folds(pairs[:, 0], self.noisy)
+        bases, sums, weighted, squares, counts, weights = [], [], [], [], [], []
         for k in range(FOLDS):
             held = fold == k
             x_k, y_k = x_pairs[held], values[held]
@@ -148,23 +158,45 @@ class AdjustedSampler:
             )
             base = basis.shapley @ coef + self._fixed_weights.T @ (y_fixed - x_fixed @ coef)
             r = y_k - x_k @ coef  # [m_k, 2, D]
-            a, b = g_in[held], g_out[held]
+            a, b, w = g_in[held], g_out[held], weight[held, None]
             sums.append(a.T @ r[:, 0] + b.T @ r[:, 1])
+            weighted.append((w * a).T @ r[:, 0] + (w * b).T @ r[:, 1])
             squares.append(
-                (a * a).T @ (r[:, 0] ** 2)
-                + (b * b).T @ (r[:, 1] ** 2)
-                + 2 * (a * b).T @ (r[:, 0] * r[:, 1])
+                (w * a * a).T @ (r[:, 0] ** 2)
+                + (w * b * b).T @ (r[:, 1] ** 2)
+                + 2 * (w * a * b).T @ (r[:, 0] * r[:, 1])
             )
             bases.append(base)
             counts.append(int(held.sum()))
+            weights.append(float(weight[held].sum()))
         phi = sum(c * base + u for c, base, u in zip(counts, bases, sums, strict=True)) / m
         spread = sum(
             c * (base - phi) ** 2 + 2 * (base - phi) * u + q
-            for c, base, u, q in zip(counts, bases, sums, squares, strict=True)
+            for c, base, u, q in zip(weights, bases, weighted, squares, strict=True)
         )
         assert isinstance(phi, torch.Tensor) and isinstance(spread, torch.Tensor)
         se = (spread.clamp_min(0) / (m - 1) / m).sqrt() * t_factor(m - 1)
         return phi, se
+
+
+def _folds(coalitions: torch.Tensor, noisy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sampled pair's fold `long [m]` and variance weight `float64 [m]`. Pairs are dealt in
+    turn, weight 1. For a noisy game (values estimated, `exact_ends`) a pair drawn again shares
+    its first draw's value and noise: it joins that draw's fold (so no surrogate is fitted on the
+    noise it corrects), and each copy weighs its number of copies in the variance (the copies'
+    terms are equal, so they add as one term of that multiple)."""
+    m = len(coalitions)
+    if not noisy:
+        return torch.arange(m) % FOLDS, torch.ones(m, dtype=torch.float64)
+    canonical = coalitions ^ ~coalitions[:, :1]  # the half of the pair that holds player 0
+    keys = [bytes(row) for row in canonical.to(torch.uint8).numpy()]
+    first: dict[bytes, int] = {}
+    copies: dict[bytes, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+        copies[key] = copies.get(key, 0) + 1
+    fold = torch.tensor([first[k] % FOLDS for k in keys])
+    return fold, torch.tensor([float(copies[k]) for k in keys], dtype=torch.float64)
 
 
 def _solve(gram: torch.Tensor, moment: torch.Tensor) -> torch.Tensor:

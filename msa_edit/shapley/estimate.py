@@ -70,34 +70,59 @@ def default_budget(n_players: int) -> int:
     return min(64 * (n_players + 1), 1 << min(n_players, 62))
 
 
-def resolve_method(method: str, n_players: int, budget: int | None) -> str:
+def resolve_method(
+    method: str, n_players: int, budget: int | None, exact_ends: int | None = None
+) -> str:
     """The estimator `auto` stands for: exact when 2^n fits the budget, else regression-adjusted
     Monte Carlo on the paired kernel's coalitions (it falls back to kernel regression when no
     surrogate lowers the variance; least error per coalition in `evals/bench_estimators.py`),
-    else plain permutations when the budget is below what the kernel needs.
+    else plain permutations when the budget is below what the kernel needs. Never exact for a
+    game whose values are exact only near the ends (`exact_ends`, a row-sampled game).
 
     >>> [resolve_method("auto", n, b) for n, b in [(8, None), (12, 500), (30, 61)]]
     ['exact', 'adjusted', 'permutation']
+    >>> resolve_method("auto", 8, None, exact_ends=1)
+    'adjusted'
     """
     if method != "auto":
         return method
+    exact_ok = exact_ends is None
     if budget is None:
-        return "exact" if n_players <= AUTO_EXACT_MAX_PLAYERS else "adjusted"
-    if n_players <= EXACT_MAX_PLAYERS and budget >= 1 << n_players:
+        return "exact" if exact_ok and n_players <= AUTO_EXACT_MAX_PLAYERS else "adjusted"
+    if exact_ok and n_players <= EXACT_MAX_PLAYERS and budget >= 1 << n_players:
         return "exact"
     return "adjusted" if budget >= min_budget("adjusted", n_players) else "permutation"
 
 
-def check_request(n_players: int, method: str = "auto", budget: int | None = None) -> str:
+def check_request(
+    n_players: int,
+    method: str = "auto",
+    budget: int | None = None,
+    exact_ends: int | None = None,
+) -> str:
     """The method `estimate` would run for `n_players` within `budget`; `MsaEditError` when the
-    budget cannot pay for it (so a caller can refuse before writing or evaluating anything).
+    budget cannot pay for it, or when the game's values are not exact (`exact_ends`) and the
+    method is not `adjusted` (the only one whose stderr counts their noise), so a caller can
+    refuse before writing or evaluating anything.
 
     >>> check_request(8, "exact")
     'exact'
     """
     if method not in METHODS:
         raise MsaEditError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    resolved = resolve_method(method, n_players, budget)
+    if method == "exact" and exact_ends is not None:
+        raise MsaEditError(
+            "method='exact' needs exact values but the game samples its rows (rows_per_set); "
+            "use method 'auto', or leave rows_per_set unset"
+        )
+    resolved = resolve_method(method, n_players, budget, exact_ends)
+    if exact_ends is not None and resolved != "adjusted":
+        raise MsaEditError(
+            f"with a game that samples its rows (rows_per_set) only the adjusted estimator counts "
+            f"the rows' noise in its stderr, and it needs budget >= "
+            f"{min_budget('adjusted', n_players)} for {n_players} players; got "
+            f"method={method!r}, budget={budget}: use method 'auto' with such a budget"
+        )
     least = min_budget("permutation", n_players)
     if method == "auto" and budget is not None and budget < least:
         raise MsaEditError(
@@ -254,7 +279,8 @@ def estimate(
     """
     _check_args(game, n_players, method, budget, seed, batch_size, tol, topk)
     _check_groups(groups, n_players)
-    resolved = check_request(n_players, method, budget)
+    ends = exact_ends(game)
+    resolved = check_request(n_players, method, budget, ends)
     adaptive = tol is not None or topk is not None
     if resolved != "exact" and budget is None and not adaptive:
         budget = default_budget(n_players)
@@ -275,20 +301,28 @@ def estimate(
             if resolved == "exact":
                 return _exact(cache, n_players, seed, budget)
             sampler: Sampler
+            limit = budget or default_budget(n_players)
             if resolved == "kernel":
-                sampler = KernelSampler(n_players, seed, budget or default_budget(n_players))
+                sampler = KernelSampler(n_players, seed, limit, ends)
             elif resolved == "adjusted":
-                sampler = AdjustedSampler(
-                    n_players, seed, budget or default_budget(n_players), groups or [0] * n_players
-                )
+                sampler = AdjustedSampler(n_players, seed, limit, groups or [0] * n_players, ends)
             else:
                 sampler = PermutationSampler(n_players, seed, antithetic=resolved == "antithetic")
-            return _sampled(sampler, resolved, cache, n_players, seed, budget, tol, topk)
+            return _sampled(
+                sampler, resolved, cache, n_players, seed, budget, tol, topk, exact=ends is None
+            )
         finally:
             cache.close()
     finally:
         if isinstance(evaluator, BatchPool) and evaluator is not game:
             evaluator.close()
+
+
+def exact_ends(game: object) -> int | None:
+    """How close to either end a game's values are exact (`LesionGame.exact_ends`, also on a
+    `GameSpec` or a `RayPool`); None, the default, when all of them are."""
+    ends = getattr(game, "exact_ends", None)
+    return ends if isinstance(ends, int) and not isinstance(ends, bool) else None
 
 
 def _exact(cache: CoalitionCache, n: int, seed: int, budget: int | None) -> ShapleyResult:
@@ -353,6 +387,7 @@ def _sampled(
     budget: int | None,
     tol: float | None,
     topk: int | None,
+    exact: bool = True,
 ) -> ShapleyResult:
     spent = _Budget(budget, n)
     fixed = sampler.fixed()
@@ -376,7 +411,7 @@ def _sampled(
             values = as_rows(cache.get(torch.cat(admitted)))
             sampler.add(admitted, list(values.split([len(b) for b in admitted])))
         full = len(admitted) < len(blocks) or not blocks
-        if spent.exhausted:
+        if spent.exhausted and exact:  # else the values are not exact: keep the sampler's
             phi, v_empty, v_full = exact_from_cache(cache, n)
             se = torch.zeros_like(phi)
             stopped = "exhausted"
@@ -399,8 +434,8 @@ def _sampled(
             if stable >= TOPK_PATIENCE:
                 stopped = "topk"
                 break
-        if full:
-            stopped = "budget"
+        if full or spent.exhausted:
+            stopped = "exhausted" if spent.exhausted else "budget"
             break
     return ShapleyResult(
         values=phi,

@@ -31,20 +31,21 @@ def size_weights(n_players: int) -> torch.Tensor:
     return w
 
 
-def plan_strata(n_players: int, budget: int) -> list[int]:
+def plan_strata(n_players: int, budget: int, exact_ends: int | None = None) -> list[int]:
     """Coalition sizes to enumerate in full: sizes 1 and n-1 whenever they fit (they make the fit
     well-posed: with only a few sampled pairs it is near-singular), then further sizes from the
-    outside in while their share of the budget covers every coalition of that size.
+    outside in while their share of the budget covers every coalition of that size. With
+    `exact_ends` (a game whose values are exact only that close to either end), no size beyond.
 
-    >>> plan_strata(10, 21), plan_strata(10, 22), plan_strata(10, 300)
-    ([], [1, 9], [1, 9, 2, 8])
+    >>> plan_strata(10, 21), plan_strata(10, 22), plan_strata(10, 300), plan_strata(10, 300, 1)
+    ([], [1, 9], [1, 9, 2, 8], [1, 9])
     """
     n = n_players
     w = size_weights(n)
     remaining = budget - 2
     open_weight = float(w.sum())
     enumerated: list[int] = []
-    for s in range(1, n // 2 + 1):
+    for s in range(1, (n // 2 if exact_ends is None else min(n // 2, exact_ends)) + 1):
         sizes = [s] if 2 * s == n else [s, n - s]
         count = sum(comb(n, t) for t in sizes)
         weight = float(sum(w[t] for t in sizes))
@@ -99,11 +100,13 @@ def min_pairs(n_players: int) -> int:
 class KernelSampler:
     """Paired KernelSHAP, extreme sizes enumerated; one sample = one pair (S, N minus S)."""
 
-    def __init__(self, n_players: int, seed: int, budget: int) -> None:
+    def __init__(
+        self, n_players: int, seed: int, budget: int, exact_ends: int | None = None
+    ) -> None:
         self.n = n_players
         self.rng = np.random.default_rng(seed)
         weights = size_weights(n_players)
-        self.enumerated = plan_strata(n_players, budget)
+        self.enumerated = plan_strata(n_players, budget, exact_ends)
         open_sizes = [s for s in range(1, n_players) if s not in self.enumerated]
         self.open_sizes = np.array(open_sizes, dtype=np.int64)
         self.open_weight = float(weights[open_sizes].sum()) if open_sizes else 0.0

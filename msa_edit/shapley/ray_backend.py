@@ -124,6 +124,8 @@ class RayPool(BatchPool):
         self.actors: list[Any] = []
         self.deaths = 0
         """Actors that died and were replaced."""
+        self.exact_ends: int | None = getattr(game, "exact_ends", None)
+        """The game's `exact_ends` (None: all its values are exact)."""
         self._started = not ray.is_initialized()
         if self._started:  # honours RAY_ADDRESS; else a local instance for this pool only
             ray.init(**({} if os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))

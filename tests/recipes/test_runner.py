@@ -276,3 +276,34 @@ def test_analysis_only_recipe_and_a_changed_game(
     assert len(err) == 1 and "differs from the run directory's" in err[0]
     assert "targets.sets.en.n_seq" in err[0]
     assert (out / "recipe.yaml").read_text() == saved
+
+
+def test_rows_per_set_samples_the_analysis_rows_only(tiny_mixtral: Path, tmp_path: Path) -> None:
+    """`estimator.rows_per_set` reaches the analysis game (values equal a direct `estimate` on
+    `LesionGame(rows_per_set=1, row_seed=seed)`, and differ from the full-row run's)."""
+    from msa_edit.games import LesionGame, MeanNLL
+    from msa_edit.recipes.runner import RecipeGame, load_targets
+    from msa_edit.recipes.schema import as_recipe
+    from msa_edit.shapley import estimate
+    from msa_edit.units import select
+
+    estimator = {"method": "auto", "budget": 60, "seed": 3}
+    data = recipe(tiny_mixtral, estimator=estimator | {"rows_per_set": 1})
+    out = tmp_path / "out"
+    assert main(["run", str(write(tmp_path / "r.yaml", data)), "--out", str(out)]) == 0
+    record = json.loads((out / "shapley.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_mixtral).eval()
+    targets = load_targets(as_recipe(data), AutoTokenizer.from_pretrained(tiny_mixtral))
+    units = select(model, ["layers.*.experts.*"])
+    groups = [u.layer for u in units]
+
+    def values(**rows: int) -> torch.Tensor:
+        game = LesionGame(model, units, targets, MeanNLL(), "reroute", **rows)
+        return estimate(game, len(units), "auto", 60, seed=3, progress=False,
+                        groups=groups).values  # fmt: skip
+
+    got = torch.tensor(record["values"], dtype=torch.float64)
+    assert record["method"] == "adjusted"
+    assert torch.allclose(got, values(rows_per_set=1, row_seed=3), atol=1e-6)
+    assert not torch.allclose(got, values(), atol=1e-4)
+    assert RecipeGame(as_recipe(data), str(tiny_mixtral)).exact_ends == 1  # Ray reads it unbuilt

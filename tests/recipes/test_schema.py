@@ -184,6 +184,20 @@ MALFORMED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("bad repo id", change("export.repo_id", "a b"), "export.repo_id: must look like"),
     ("push not bool", change("export.push", "yes please"), "export.push: must be"),
     ("stage not mapping", change("estimator", [1, 2]), "estimator: must be a mapping"),
+    ("zero rows_per_set", change("estimator.rows_per_set", 0), "estimator.rows_per_set: must be"),
+    (
+        "rows_per_set, position_nll",
+        lambda d: [
+            change("estimator.rows_per_set", 2)(d),
+            change("targets.objective", "position_nll")(d),
+        ],
+        "estimator.rows_per_set: samples rows of objective mean_nll only",
+    ),
+    (
+        "rows_per_set, exact",
+        lambda d: [change("estimator.rows_per_set", 2)(d), change("estimator.method", "exact")(d)],
+        "estimator.rows_per_set: method exact does not count the rows' noise",
+    ),
 ]
 
 
