@@ -272,6 +272,12 @@ def estimate(
     interactions inside groups and between adjacent ones (`surrogate.ladder`); without it every
     player is in one group. It changes no coalition, only how their values are combined.
 
+    A game whose values are exact only near the ends (an int attribute `exact_ends`, e.g.
+    `LesionGame(rows_per_set=k)`: unbiased estimates elsewhere) is estimated by `adjusted` only,
+    with only those sizes enumerated, a pair drawn twice kept in one fold and weighed by its
+    copies in the variance (their noise is shared), so the stderr includes the values' noise;
+    `exact` and methods that cannot count that noise are refused.
+
     >>> glove = lambda c: torch.minimum(c[:, 0], c[:, 1:].sum(1)).double()
     >>> res = estimate(glove, 3, method="exact", progress=False)
     >>> [round(x, 4) for x in res.values.tolist()]
